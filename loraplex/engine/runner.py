@@ -1,0 +1,124 @@
+"""ModelRunner: turns a ScheduledBatch into tensors and a Context, runs the model, samples.
+
+Owns the physical KV cache ([num_blocks, block_size, Hkv, D] per layer, for K and for V).
+Inputs are built as Python lists and turned into one tensor per field.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.config import ModelConfig
+from loraplex.engine.batch import SampledToken, ScheduledBatch, ScheduledRow
+from loraplex.model.context import Context, PrefillSegment, set_context
+from loraplex.model.llama import LlamaForCausalLM
+from loraplex.model.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int,
+                 block_size: int, device: torch.device, dtype: torch.dtype,
+                 sampler: Sampler) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.block_size = block_size
+        self.device = device
+        self.sampler = sampler
+        self.window = cfg.sliding_window
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device)
+                         for _ in range(cfg.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device)
+                         for _ in range(cfg.num_layers)]
+        for layer, kc, vc in zip(model.model.layers, self.k_caches, self.v_caches):
+            layer.self_attn.attn.k_cache = kc
+            layer.self_attn.attn.v_cache = vc
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _causal_mask(self, q_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        # q_pos: [q] absolute positions -> [1, 1, q, kv_len] bool, True = visible.
+        keys = torch.arange(kv_len, device=self.device)
+        mask = keys.unsqueeze(0) <= q_pos.unsqueeze(1)
+        if self.window is not None:
+            mask &= keys.unsqueeze(0) > q_pos.unsqueeze(1) - self.window
+        return mask.view(1, 1, *mask.shape)
+
+    def build_context(self, rows: list[ScheduledRow]) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for r in rows:
+            input_ids.extend(r.token_ids)
+            table = r.block_table
+            for pos in range(r.start_pos, r.start_pos + len(r.token_ids)):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+        ctx = Context(slot_mapping=self._tensor(slots))
+        decode = [r for r in rows if len(r.token_ids) == 1]
+        nd = len(decode)
+        ctx.num_decode = nd
+        if nd:
+            nblk = max((r.start_pos // bs) + 1 for r in decode)
+            ctx.decode_block_tables = self._tensor(
+                [r.block_table[:nblk] + [0] * (nblk - min(nblk, len(r.block_table)))
+                 for r in decode])
+            q_pos = self._tensor([r.start_pos for r in decode])  # [B]
+            keys = torch.arange(nblk * bs, device=self.device).unsqueeze(0)
+            mask = keys <= q_pos.unsqueeze(1)
+            if self.window is not None:
+                mask &= keys > q_pos.unsqueeze(1) - self.window
+            ctx.decode_mask = mask.view(nd, 1, 1, nblk * bs)
+        t = nd
+        for r in rows[nd:]:
+            q = len(r.token_ids)
+            kv_len = r.start_pos + q
+            windowed = self.window is not None and kv_len > self.window
+            if r.start_pos == 0 and not windowed:
+                seg = PrefillSegment(t, t + q, 0, None, None)
+            else:
+                nblk = -(-kv_len // bs)
+                q_pos = torch.arange(r.start_pos, kv_len, device=self.device)
+                block_ids = self._tensor(r.block_table[:nblk]) if r.start_pos else None
+                mask = self._causal_mask(q_pos, kv_len)
+                seg = PrefillSegment(t, t + q, r.start_pos, block_ids, mask)
+            ctx.prefills.append(seg)
+            t += q
+        return self._tensor(input_ids), self._tensor(positions), ctx
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        self.sampler.drop(batch.finished_seq_ids)
+        if batch.is_empty:
+            return []
+        rows = batch.rows
+        input_ids, positions, ctx = self.build_context(rows)
+        sample_rows: list[ScheduledRow] = []
+        last_idx: list[int] = []
+        t = 0
+        for r in rows:
+            t += len(r.token_ids)
+            if r.sample:
+                sample_rows.append(r)
+                last_idx.append(t - 1)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        finally:
+            set_context(None)
+        if not sample_rows:
+            return []
+        logits = self.model.compute_logits(hidden[self._tensor(last_idx)])  # [R, vocab]
+        return self.sampler(logits, sample_rows)
+
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """All-token logits of a batch ([T, vocab], fp32); for tests that compare with an oracle."""
+        input_ids, positions, ctx = self.build_context(batch.rows)
+        set_context(ctx)
+        try:
+            with torch.inference_mode():
+                return self.model.compute_logits(self.model(input_ids, positions))
+        finally:
+            set_context(None)

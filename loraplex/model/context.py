@@ -1,0 +1,52 @@
+"""Per-step batch metadata, set by the runner before a forward and read by attention (and LoRA).
+
+Keeping it here lets every model forward keep the signature `(input_ids, positions)`.
+Token layout of a step: the first `num_decode` tokens are single-token rows (decode, or the last
+token of a chunked prompt); after them come the prefill segments, one contiguous run per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillSegment:
+    t0: int  # first token of the segment in the step's flat token axis
+    t1: int  # one past its last token
+    start_pos: int  # absolute position of token t0 (= tokens already cached for this row)
+    # Block ids covering [0, start_pos + (t1 - t0)); None when start_pos == 0 and no window
+    # applies, in which case attention runs on the segment's own fresh K/V with a causal mask.
+    block_ids: torch.Tensor | None
+    # [1, 1, q_len, kv_len] bool, True = attend; None means plain causal over the segment.
+    mask: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class Context:
+    # [T] flat slot (block * block_size + offset) where each token's K/V is written.
+    slot_mapping: torch.Tensor
+    num_decode: int = 0
+    # [num_decode, max_blocks] block ids per decode row (padded with block 0, masked out).
+    decode_block_tables: torch.Tensor | None = None
+    # [num_decode, 1, 1, max_blocks * block_size] bool, True = key position is visible.
+    decode_mask: torch.Tensor | None = None
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    # LoRA: per-token adapter slot data, set by the runner when adapters are active.
+    lora: object | None = None
+
+
+_CONTEXT: Context | None = None
+
+
+def set_context(ctx: Context | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> Context:
+    if _CONTEXT is None:
+        raise RuntimeError("no batch context set: model forwards run inside ModelRunner.execute")
+    return _CONTEXT

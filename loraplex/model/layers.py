@@ -1,0 +1,192 @@
+"""Building blocks of a Llama-family decoder: norm, rotary embedding, linears, paged attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.config import RopeConfig
+from loraplex.model.context import get_context
+
+
+def _empty_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty_param(dim)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # Same op order as transformers' LlamaRMSNorm (variance in fp32) so fp32 logits match.
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ (+ b). `output_sizes` records the logical projections fused into W (q/k/v,
+    gate/up) so adapters can address each slice; LoRA hooks in through `self.lora`."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.out_features = sum(output_sizes)
+        self.weight = _empty_param(self.out_features, in_features)
+        self.bias = _empty_param(self.out_features) if bias else None
+        self.lora: nn.Module | None = None
+
+    def load_shard(self, param: str, tensor: torch.Tensor, shard: int) -> None:
+        off = sum(self.output_sizes[:shard])
+        size = self.output_sizes[shard]
+        dst = getattr(self, param)
+        if tensor.shape[0] != size or (param == "weight" and tensor.shape[1] != self.in_features):
+            raise ValueError(f"shape {tuple(tensor.shape)} does not fit slice {shard} of "
+                             f"{tuple(dst.shape)}")
+        dst.data[off:off + size].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            y = self.lora(x, y)
+        return y
+
+
+def _yarn_inv_freq(cfg: RopeConfig, dim: int, base_max: int) -> tuple[torch.Tensor, float]:
+    base = cfg.theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_extra = 1.0 / pos_freqs
+    inv_inter = 1.0 / (cfg.factor * pos_freqs)
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(base_max / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extra_factor = 1 - ramp
+    inv = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+    mscale = cfg.attention_factor
+    if mscale is None:
+        mscale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
+    return inv, float(mscale)
+
+
+def rope_inv_freq(cfg: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the rope variants we serve."""
+    inv = 1.0 / (cfg.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if cfg.kind == "default":
+        return inv, 1.0
+    if cfg.kind == "linear":
+        return inv / cfg.factor, 1.0
+    if cfg.kind == "llama3":
+        old_len = cfg.original_max_position_embeddings or 8192
+        low_wavelen = old_len / cfg.low_freq_factor
+        high_wavelen = old_len / cfg.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / cfg.factor, inv)
+        smooth = (old_len / wavelen - cfg.low_freq_factor) / (
+            cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if cfg.kind == "yarn":
+        base_max = cfg.original_max_position_embeddings or max_position
+        return _yarn_inv_freq(cfg, dim, base_max)
+    raise ValueError(f"unsupported rope type {cfg.kind}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a precomputed cos/sin table, the layout of HF checkpoints."""
+
+    def __init__(self, head_dim: int, max_position: int, cfg: RopeConfig) -> None:
+        super().__init__()
+        self.rot_dim = int(head_dim * cfg.partial_rotary_factor)
+        inv, scale = rope_inv_freq(cfg, self.rot_dim, max_position)
+        t = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, rot_dim]
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, D], k: [T, Hkv, D]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, rot]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return _apply_rope(q, cos, sin, self.rot_dim), _apply_rope(k, cos, sin, self.rot_dim)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    if rot < x.shape[-1]:
+        xr, xp = x[..., :rot], x[..., rot:]
+        return torch.cat((_apply_rope(xr, cos, sin, rot), xp), dim=-1)
+    half = rot // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention over the paged KV cache described by the step's Context.
+
+    The cache tensors ([num_blocks, block_size, Hkv, D] each) are bound by the runner.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D]  ->  [T, H, D]
+        ctx = get_context()
+        kc, vc = self.k_cache, self.v_cache
+        assert kc is not None and vc is not None, "KV cache not bound"
+        hkv, d = self.num_kv_heads, self.head_dim
+        kc.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, k)
+        vc.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = ctx.num_decode
+        if nd:
+            # Query heads of one KV group play the role of query positions: no K/V expansion.
+            tables = ctx.decode_block_tables
+            kd = kc[tables].view(nd, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+            vd = vc[tables].view(nd, -1, hkv, d).transpose(1, 2)
+            qd = q[:nd].view(nd, hkv, self.group, d)  # [B, Hkv, G, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.decode_mask,
+                                                scale=self.scale)
+            out[:nd] = od.reshape(nd, self.num_heads, d)
+        for seg in ctx.prefills:
+            qs = q[seg.t0:seg.t1].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            if seg.block_ids is None:
+                ks = k[seg.t0:seg.t1].transpose(0, 1).unsqueeze(0)  # [1, Hkv, q, D]
+                vs = v[seg.t0:seg.t1].transpose(0, 1).unsqueeze(0)
+            else:
+                kv_len = seg.start_pos + (seg.t1 - seg.t0)
+                ks = kc[seg.block_ids].view(-1, hkv, d)[:kv_len].transpose(0, 1).unsqueeze(0)
+                vs = vc[seg.block_ids].view(-1, hkv, d)[:kv_len].transpose(0, 1).unsqueeze(0)
+            causal = seg.mask is None  # then block_ids is None too: fresh K/V, plain causal
+            os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=causal,
+                                                 scale=self.scale, enable_gqa=self.group > 1)
+            out[seg.t0:seg.t1] = os_.squeeze(0).transpose(0, 1)
+        return out
