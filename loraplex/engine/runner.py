@@ -6,6 +6,8 @@ Inputs are built as Python lists and turned into one tensor per field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loraplex.config import ModelConfig
@@ -25,6 +27,8 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.window = cfg.sliding_window
+        # Test hook: called with (sampled rows, their fp32 logits) before sampling.
+        self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device)
                          for _ in range(cfg.num_layers)]
@@ -111,14 +115,6 @@ class ModelRunner:
         if not sample_rows:
             return []
         logits = self.model.compute_logits(hidden[self._tensor(last_idx)])  # [R, vocab]
+        if self.logits_hook is not None:
+            self.logits_hook(sample_rows, logits)
         return self.sampler(logits, sample_rows)
-
-    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """All-token logits of a batch ([T, vocab], fp32); for tests that compare with an oracle."""
-        input_ids, positions, ctx = self.build_context(batch.rows)
-        set_context(ctx)
-        try:
-            with torch.inference_mode():
-                return self.model.compute_logits(self.model(input_ids, positions))
-        finally:
-            set_context(None)
