@@ -69,7 +69,8 @@ class Engine:
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.sched_config = cfg.with_model_len(self.model_config.max_position_embeddings)
         self.model = load_model(self.model_path, self.device, self.dtype,
-                                self.sched_config.max_model_len)
+                                self.sched_config.max_model_len,
+                                batch_hint=min(self.sched_config.max_num_seqs, 64))
         self.tokenizer = Tokenizer(cfg.tokenizer or self.model_path)
         self.eos_token_ids = tuple(sorted(set(self.model_config.eos_token_ids)
                                           | set(self.tokenizer.eos_token_ids)))

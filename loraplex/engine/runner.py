@@ -27,6 +27,12 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.window = cfg.sliding_window
+        self.decode_kernel = None
+        if device.type == "cpu" and dtype == torch.float32:
+            from loraplex.kernels import paged_attention_module
+
+            mod = paged_attention_module()
+            self.decode_kernel = mod.paged_decode_attention if mod is not None else None
         # Test hook: called with (sampled rows, their fp32 logits) before sampling.
         self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -69,12 +75,17 @@ class ModelRunner:
             ctx.decode_block_tables = self._tensor(
                 [r.block_table[:nblk] + [0] * (nblk - min(nblk, len(r.block_table)))
                  for r in decode])
-            q_pos = self._tensor([r.start_pos for r in decode])  # [B]
-            keys = torch.arange(nblk * bs, device=self.device).unsqueeze(0)
-            mask = keys <= q_pos.unsqueeze(1)
-            if self.window is not None:
-                mask &= keys > q_pos.unsqueeze(1) - self.window
-            ctx.decode_mask = mask.view(nd, 1, 1, nblk * bs)
+            if self.decode_kernel is not None:
+                ctx.decode_kernel = self.decode_kernel
+                ctx.decode_context_lens = self._tensor([r.start_pos + 1 for r in decode])
+                ctx.sliding_window = self.window or 0
+            else:
+                q_pos = self._tensor([r.start_pos for r in decode])  # [B]
+                keys = torch.arange(nblk * bs, device=self.device).unsqueeze(0)
+                mask = keys <= q_pos.unsqueeze(1)
+                if self.window is not None:
+                    mask &= keys > q_pos.unsqueeze(1) - self.window
+                ctx.decode_mask = mask.view(nd, 1, 1, nblk * bs)
         t = nd
         for r in rows[nd:]:
             q = len(r.token_ids)

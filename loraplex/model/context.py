@@ -31,8 +31,14 @@ class Context:
     num_decode: int = 0
     # [num_decode, max_blocks] block ids per decode row (padded with block 0, masked out).
     decode_block_tables: torch.Tensor | None = None
-    # [num_decode, 1, 1, max_blocks * block_size] bool, True = key position is visible.
+    # [num_decode, 1, 1, max_blocks * block_size] bool, True = key position is visible
+    # (torch path only).
     decode_mask: torch.Tensor | None = None
+    # [num_decode] int64 keys visible per decode row (= its position + 1); set when the C++
+    # paged kernel (`decode_kernel`) serves the decode rows instead of gather + SDPA.
+    decode_context_lens: torch.Tensor | None = None
+    decode_kernel: object | None = None
+    sliding_window: int = 0
     prefills: list[PrefillSegment] = field(default_factory=list)
     # LoRA: per-token adapter slot data, set by the runner when adapters are active.
     lora: object | None = None

@@ -35,6 +35,24 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+def can_pack(w: torch.Tensor) -> bool:
+    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_weight(w: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    # On the project's CPUs oneDNN with a pre-packed weight runs the decode-sized GEMMs up to 2x
+    # faster than MKL sgemm (lm_head: 17 vs 38 ms at M=32), and each row's result does not
+    # depend on how many rows share the call (MKL's small-M path differs by ~5e-5), which keeps
+    # a request's output identical alone or in a batch.
+    return torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Linear(nn.Module):
     """y = x Wᵀ (+ b). `output_sizes` records the logical projections fused into W (q/k/v,
     gate/up) so adapters can address each slice; LoRA hooks in through `self.lora`."""
@@ -44,9 +62,10 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
-        self.weight = _empty_param(self.out_features, in_features)
+        self.weight: nn.Parameter | None = _empty_param(self.out_features, in_features)
         self.bias = _empty_param(self.out_features) if bias else None
         self.lora: nn.Module | None = None
+        self.packed: torch.Tensor | None = None
 
     def load_shard(self, param: str, tensor: torch.Tensor, shard: int) -> None:
         off = sum(self.output_sizes[:shard])
@@ -57,8 +76,18 @@ class Linear(nn.Module):
                              f"{tuple(dst.shape)}")
         dst.data[off:off + size].copy_(tensor)
 
+    def pack(self, batch_hint: int) -> None:
+        """Reorder W once into oneDNN's blocked layout (CPU only) and drop the plain copy."""
+        if self.weight is None or not can_pack(self.weight):
+            return
+        self.packed = pack_weight(self.weight.data, batch_hint)
+        self.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = packed_linear(x, self.packed, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
             y = self.lora(x, y)
         return y
@@ -167,7 +196,10 @@ class PagedAttention(nn.Module):
         vc.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
         nd = ctx.num_decode
-        if nd:
+        if nd and ctx.decode_kernel is not None:
+            out[:nd] = ctx.decode_kernel(q[:nd].contiguous(), kc, vc, ctx.decode_block_tables,
+                                         ctx.decode_context_lens, self.scale, ctx.sliding_window)
+        elif nd:
             # Query heads of one KV group play the role of query positions: no K/V expansion.
             tables = ctx.decode_block_tables
             kd = kc[tables].view(nd, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
-from loraplex.model.layers import Linear, PagedAttention, RMSNorm, RotaryEmbedding
+from loraplex.model.layers import (
+    Linear, PagedAttention, RMSNorm, RotaryEmbedding, can_pack, pack_weight, packed_linear,
+)
 
 # HF projection name -> (fused module name, shard index)
 STACKED = {
@@ -111,6 +113,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, max_position)
         self.lm_head: nn.Linear | None = None
+        self.lm_head_packed: torch.Tensor | None = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
@@ -120,8 +123,21 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None:
+            return packed_linear(hidden, self.lm_head_packed, None).float()  # [R, vocab]
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()  # [R, vocab]
+        return F.linear(hidden, w).float()
+
+    def pack_weights(self, batch_hint: int) -> None:
+        """After loading: move every projection (and lm_head) to the fastest CPU layout."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(batch_hint)
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if can_pack(w):
+            self.lm_head_packed = pack_weight(w.data, batch_hint)
+            if self.lm_head is not None:  # untied: the plain copy is no longer needed
+                self.lm_head = None
 
     # ---- weights ----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -59,8 +59,8 @@ def resolve_model_path(model: str | None) -> Path:
                       f"not download from a model hub)")
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype, max_position: int
-               ) -> LlamaForCausalLM:
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype, max_position: int,
+               pack: bool = True, batch_hint: int = 32) -> LlamaForCausalLM:
     cfg = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
     prev = torch.get_default_dtype()
@@ -72,4 +72,6 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, max_posit
         torch.set_default_dtype(prev)
     model.load_weights(iter_safetensors(files, desc=f"loading {folder.name}"))
     model.eval()
+    if pack:
+        model.pack_weights(batch_hint)
     return model

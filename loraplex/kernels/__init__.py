@@ -1,0 +1,46 @@
+"""Optional C++ CPU kernels, compiled on first use (torch cpp_extension + ninja) and cached in
+the user cache folder. If the build fails, callers fall back to the pure-torch path (and say so
+once on the log): the kernels are an optimization, never a requirement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def paged_attention_module():
+    """The compiled module, or None when it cannot be built here."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    if os.environ.get("LORAPLEX_NO_KERNELS"):
+        _failed = True
+        return None
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        try:
+            from torch.utils.cpp_extension import load
+
+            from loraplex.model.gguf_convert import cache_root
+
+            build = cache_root() / "kernels"
+            build.mkdir(parents=True, exist_ok=True)
+            src = Path(__file__).with_name("paged_attention.cpp")
+            import torch
+
+            load(name="loraplex_paged_attention", sources=[str(src)],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                 build_directory=str(build), verbose=False, is_python_module=False)
+            _module = torch.ops.loraplex
+        except Exception as e:  # no compiler, no ninja, ...: the torch path still works
+            _failed = True
+            log.warning("C++ paged attention unavailable (%s); using the torch path", e)
+    return _module

@@ -1,0 +1,134 @@
+// Paged decode attention for CPU: one query token per row, K/V read in place from the block pool.
+//
+// The pure-torch path gathers every row's blocks into a padded copy before attention, which
+// moves the whole KV context through memory three times (read, write, read). This kernel reads
+// each K/V vector once, straight from its block, and serves the G query heads of a KV group
+// from that single read (GQA). Work is split over (row, kv head) with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// Head dims of the families we serve are multiples of 16 (64, 128); others take the tail loop.
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  float s = _mm_cvtss_f32(h);
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t d) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+#else
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+#endif
+
+}  // namespace
+
+// q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
+// (int64); context_lens: [B] (int64, keys 0..len-1 visible); window: 0 = none, else only the
+// last `window` keys are visible. Returns [B, H, D]. All float32, contiguous.
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                     at::Tensor block_tables, at::Tensor context_lens,
+                                     double scale, int64_t window) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k_cache.dtype() == at::kFloat &&
+                  v_cache.dtype() == at::kFloat,
+              "paged_decode_attention: float32 only");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "paged_decode_attention: contiguous inputs required");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "paged_decode_attention: bad head shapes");
+  const int64_t G = H / Hkv, max_blocks = block_tables.size(1);
+  auto out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  const int64_t* lp = context_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "context length outside its block table");
+    max_len = std::max(max_len, lp[b]);
+  }
+  // Phase 1: scores[b, hk, g, t] = q . k * scale for visible keys, -inf elsewhere.
+  auto scores = at::full({B, Hkv, G, max_len}, -std::numeric_limits<float>::infinity(),
+                         q.options());
+  float* sp = scores.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const float* qrow = qp + (b * H + hk * G) * D;  // the G query heads of this KV head
+      float* srow = sp + item * G * max_len;
+      for (int64_t t = first; t < len; ++t) {
+        const int64_t blk = tp[b * max_blocks + t / bs];
+        const float* k = kp + ((blk * bs + t % bs) * Hkv + hk) * D;
+        for (int64_t g = 0; g < G; ++g) srow[g * max_len + t] = dot(qrow + g * D, k, D) * fscale;
+      }
+    }
+  });
+  // Phase 2: ATen's vectorized softmax (masked keys become exactly 0).
+  auto probs = at::softmax(scores, -1);
+  const float* pp = probs.data_ptr<float>();
+  // Phase 3: out[b, hk*G + g] = sum_t p[t] * v[t], each V vector read once for all G heads.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      float* orow = op + (b * H + hk * G) * D;
+      std::fill(orow, orow + G * D, 0.f);
+      const float* prow = pp + item * G * max_len;
+      for (int64_t t = first; t < len; ++t) {
+        const int64_t blk = tp[b * max_blocks + t / bs];
+        const float* v = vp + ((blk * bs + t % bs) * Hkv + hk) * D;
+        for (int64_t g = 0; g < G; ++g) axpy(orow + g * D, prow[g * max_len + t], v, D);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(loraplex, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}
