@@ -231,6 +231,8 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     num_kv_blocks: int | None = None
     served_model_name: str | None = None
+    # C++ CPU kernels (paged decode attention); False forces the pure-torch path.
+    use_kernels: bool = True
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 

@@ -19,11 +19,13 @@ def _prompts(k: int, seed: int = 1) -> list[list[int]]:
     return [[rng.randrange(3, 259) for _ in range(rng.randrange(3, 60))] for _ in range(k)]
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp-attn", "torch-attn"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_and_greedy_match_hf(tiny_model_factory, family):
+def test_logits_and_greedy_match_hf(tiny_model_factory, family, use_kernels):
     path = tiny_model_factory(family)
     hf = hf_load(path)
-    llm = LLM(str(path), max_model_len=256, block_size=8)
+    llm = LLM(str(path), max_model_len=256, block_size=8, use_kernels=use_kernels)
+    assert (llm.engine.runner.decode_kernel is not None) == use_kernels
     prompts = _prompts(5)
     ours, logits = ours_greedy_with_logits(llm, prompts, N_NEW)
     for p, toks in zip(prompts, ours):

@@ -90,7 +90,7 @@ class Engine:
         self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids)
         self.sampler = Sampler(self.device, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, m, self.num_blocks, c.block_size, self.device,
-                                  self.dtype, self.sampler)
+                                  self.dtype, self.sampler, cfg.use_kernels)
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()

@@ -20,7 +20,7 @@ from loraplex.model.sampler import Sampler
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int,
                  block_size: int, device: torch.device, dtype: torch.dtype,
-                 sampler: Sampler) -> None:
+                 sampler: Sampler, use_kernels: bool = True) -> None:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -28,7 +28,7 @@ class ModelRunner:
         self.sampler = sampler
         self.window = cfg.sliding_window
         self.decode_kernel = None
-        if device.type == "cpu" and dtype == torch.float32:
+        if use_kernels and device.type == "cpu" and dtype == torch.float32:
             from loraplex.kernels import paged_attention_module
 
             mod = paged_attention_module()

@@ -14,7 +14,13 @@ from torch import nn
 
 from loraplex.config import ModelConfig
 from loraplex.model.layers import (
-    Linear, PagedAttention, RMSNorm, RotaryEmbedding, can_pack, pack_weight, packed_linear,
+    Linear,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    can_pack,
+    pack_weight,
+    packed_linear,
 )
 
 # HF projection name -> (fused module name, shard index)
