@@ -29,13 +29,15 @@ class ModelRunner:
         self.window = cfg.sliding_window
         self.decode_kernel = None
         if use_kernels and device.type == "cpu" and dtype == torch.float32:
-            from loraplex.kernels import paged_attention_module
+            from loraplex.kernels import kernels
 
-            mod = paged_attention_module()
-            self.decode_kernel = mod.paged_decode_attention if mod is not None else None
+            ops = kernels()
+            if ops is not None:
+                self.decode_kernel = ops.paged_decode_attention
+                model.use_cpu_kernels(ops)
         # Test hook: called with (sampled rows, their fp32 logits) before sampling.
         self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device)
                          for _ in range(cfg.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device)
@@ -57,16 +59,19 @@ class ModelRunner:
 
     def build_context(self, rows: list[ScheduledRow]) -> tuple[torch.Tensor, torch.Tensor, Context]:
         bs = self.block_size
+        hkv = self.cfg.num_kv_heads
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        base_rows: list[int] = []  # row of (token, head 0); head h adds h * bs
         for r in rows:
             input_ids.extend(r.token_ids)
             table = r.block_table
             for pos in range(r.start_pos, r.start_pos + len(r.token_ids)):
                 positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
-        ctx = Context(slot_mapping=self._tensor(slots))
+                base_rows.append(table[pos // bs] * hkv * bs + pos % bs)
+        head_off = torch.arange(hkv, device=self.device) * bs
+        kv_rows = (self._tensor(base_rows).unsqueeze(1) + head_off).reshape(-1)  # [T * Hkv]
+        ctx = Context(kv_rows=kv_rows)
         decode = [r for r in rows if len(r.token_ids) == 1]
         nd = len(decode)
         ctx.num_decode = nd

@@ -15,7 +15,7 @@ _module = None
 _failed = False
 
 
-def paged_attention_module():
+def kernels():
     """The compiled module, or None when it cannot be built here."""
     global _module, _failed
     if _module is not None or _failed:
@@ -33,11 +33,13 @@ def paged_attention_module():
 
             build = cache_root() / "kernels"
             build.mkdir(parents=True, exist_ok=True)
-            src = Path(__file__).with_name("paged_attention.cpp")
+            here = Path(__file__).parent
+            srcs = [str(here / "paged_attention.cpp"), str(here / "fused_ops.cpp")]
             import torch
 
-            load(name="loraplex_paged_attention", sources=[str(src)],
-                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            load(name="loraplex_kernels", sources=srcs,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                 extra_ldflags=["-fopenmp"],
                  build_directory=str(build), verbose=False, is_python_module=False)
             _module = torch.ops.loraplex
         except Exception as e:  # no compiler, no ninja, ...: the torch path still works

@@ -56,7 +56,7 @@ inline void axpy(float* y, float a, const float* x, int64_t d) {
 
 }  // namespace
 
-// q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
+// q: [B, H, D]; k_cache, v_cache: [num_blocks, Hkv, block_size, D]; block_tables: [B, max_blocks]
 // (int64); context_lens: [B] (int64, keys 0..len-1 visible); window: 0 = none, else only the
 // last `window` keys are visible. Returns [B, H, D]. All float32, contiguous.
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
@@ -69,7 +69,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                   block_tables.is_contiguous() && context_lens.is_contiguous(),
               "paged_decode_attention: contiguous inputs required");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "paged_decode_attention: bad head shapes");
   const int64_t G = H / Hkv, max_blocks = block_tables.size(1);
   auto out = at::empty_like(q);
@@ -96,10 +96,13 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const float* qrow = qp + (b * H + hk * G) * D;  // the G query heads of this KV head
       float* srow = sp + item * G * max_len;
-      for (int64_t t = first; t < len; ++t) {
-        const int64_t blk = tp[b * max_blocks + t / bs];
-        const float* k = kp + ((blk * bs + t % bs) * Hkv + hk) * D;
-        for (int64_t g = 0; g < G; ++g) srow[g * max_len + t] = dot(qrow + g * D, k, D) * fscale;
+      // Walk whole blocks: no integer division per token (it cost more than the dot products).
+      for (int64_t j = first / bs; j * bs < len; ++j) {
+        const float* k = kp + ((tp[b * max_blocks + j] * Hkv + hk) * bs) * D;
+        for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
+          const float* kt = k + (t - j * bs) * D;
+          for (int64_t g = 0; g < G; ++g) srow[g * max_len + t] = dot(qrow + g * D, kt, D) * fscale;
+        }
       }
     }
   });
@@ -114,10 +117,12 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
       float* orow = op + (b * H + hk * G) * D;
       std::fill(orow, orow + G * D, 0.f);
       const float* prow = pp + item * G * max_len;
-      for (int64_t t = first; t < len; ++t) {
-        const int64_t blk = tp[b * max_blocks + t / bs];
-        const float* v = vp + ((blk * bs + t % bs) * Hkv + hk) * D;
-        for (int64_t g = 0; g < G; ++g) axpy(orow + g * D, prow[g * max_len + t], v, D);
+      for (int64_t j = first / bs; j * bs < len; ++j) {
+        const float* v = vp + ((tp[b * max_blocks + j] * Hkv + hk) * bs) * D;
+        for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
+          const float* vt = v + (t - j * bs) * D;
+          for (int64_t g = 0; g < G; ++g) axpy(orow + g * D, prow[g * max_len + t], vt, D);
+        }
       }
     }
   });

@@ -3,6 +3,9 @@
 Keeping it here lets every model forward keep the signature `(input_ids, positions)`.
 Token layout of a step: the first `num_decode` tokens are single-token rows (decode, or the last
 token of a chunked prompt); after them come the prefill segments, one contiguous run per row.
+
+KV cache layout (per layer, K and V alike): [num_blocks, Hkv, block_size, D], so that one KV
+head's slice of a block is one contiguous block_size x D run (the paged kernel streams it).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class PrefillSegment:
 
 @dataclass(slots=True)
 class Context:
-    # [T] flat slot (block * block_size + offset) where each token's K/V is written.
-    slot_mapping: torch.Tensor
+    # [T * Hkv] row of cache.view(-1, D) where each (token, kv head) vector is written:
+    # (block * Hkv + head) * block_size + offset, token-major.
+    kv_rows: torch.Tensor
     num_decode: int = 0
     # [num_decode, max_blocks] block ids per decode row (padded with block 0, masked out).
     decode_block_tables: torch.Tensor | None = None

@@ -21,14 +21,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _empty_param(dim)
+        self.fused = None  # loraplex C++ ops (CPU fp32), set by LlamaForCausalLM.use_cpu_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # Same op order as transformers' LlamaRMSNorm (variance in fp32) so fp32 logits match.
+        if residual is not None and self.fused is not None:
+            return self.fused.add_rms_norm(x, residual, self.weight, self.eps), residual
         if residual is not None:
             x = x + residual
             residual = x
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op, bit-identical to the expression below
+            out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return out if residual is None else (out, residual)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
@@ -151,29 +157,31 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, rot_dim]
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self.fused = None  # loraplex C++ ops (CPU fp32)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, rot]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _apply_rope(q, cos, sin, self.rot_dim), _apply_rope(k, cos, sin, self.rot_dim)
+    def table(self, positions: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a step's positions, [T, 1, rot]: looked up once per forward."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
 
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    if rot < x.shape[-1]:
-        xr, xp = x[..., :rot], x[..., rot:]
-        return torch.cat((_apply_rope(xr, cos, sin, rot), xp), dim=-1)
-    half = rot // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] (q and k heads may be stacked to rotate both in one pass)."""
+        rot = self.rot_dim
+        if self.fused is not None and rot == x.shape[-1]:
+            self.fused.rope_(x, cos, sin)  # in place
+            return x
+        if rot < x.shape[-1]:
+            return torch.cat((self.apply(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+        half = rot // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
 
 class PagedAttention(nn.Module):
     """Scaled dot-product attention over the paged KV cache described by the step's Context.
 
-    The cache tensors ([num_blocks, block_size, Hkv, D] each) are bound by the runner.
+    The cache tensors ([num_blocks, Hkv, block_size, D] each) are bound by the runner.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -185,6 +193,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.fused = None  # loraplex C++ ops (CPU fp32)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  [T, H, D]
@@ -192,8 +201,11 @@ class PagedAttention(nn.Module):
         kc, vc = self.k_cache, self.v_cache
         assert kc is not None and vc is not None, "KV cache not bound"
         hkv, d = self.num_kv_heads, self.head_dim
-        kc.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, k)
-        vc.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, v)
+        if self.fused is not None:
+            self.fused.cache_write_(k, v, kc, vc, ctx.kv_rows)
+        else:
+            kc.view(-1, d).index_copy_(0, ctx.kv_rows, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, ctx.kv_rows, v.reshape(-1, d))
         out = torch.empty_like(q)
         nd = ctx.num_decode
         if nd and ctx.decode_kernel is not None:
@@ -202,8 +214,8 @@ class PagedAttention(nn.Module):
         elif nd:
             # Query heads of one KV group play the role of query positions: no K/V expansion.
             tables = ctx.decode_block_tables
-            kd = kc[tables].view(nd, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-            vd = vc[tables].view(nd, -1, hkv, d).transpose(1, 2)
+            kd = _gather(kc, tables)  # [B, Hkv, L, D]
+            vd = _gather(vc, tables)
             qd = q[:nd].view(nd, hkv, self.group, d)  # [B, Hkv, G, D]
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=ctx.decode_mask,
                                                 scale=self.scale)
@@ -215,10 +227,17 @@ class PagedAttention(nn.Module):
                 vs = v[seg.t0:seg.t1].transpose(0, 1).unsqueeze(0)
             else:
                 kv_len = seg.start_pos + (seg.t1 - seg.t0)
-                ks = kc[seg.block_ids].view(-1, hkv, d)[:kv_len].transpose(0, 1).unsqueeze(0)
-                vs = vc[seg.block_ids].view(-1, hkv, d)[:kv_len].transpose(0, 1).unsqueeze(0)
+                ks = _gather(kc, seg.block_ids.unsqueeze(0))[:, :, :kv_len]  # [1, Hkv, kv, D]
+                vs = _gather(vc, seg.block_ids.unsqueeze(0))[:, :, :kv_len]
             causal = seg.mask is None  # then block_ids is None too: fresh K/V, plain causal
             os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=causal,
                                                  scale=self.scale, enable_gqa=self.group > 1)
             out[seg.t0:seg.t1] = os_.squeeze(0).transpose(0, 1)
         return out
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, Hkv, bs, D] cache, [B, nblk] block ids -> contiguous [B, Hkv, nblk*bs, D]."""
+    b, nblk = tables.shape
+    _, hkv, bs, d = cache.shape
+    return cache[tables].transpose(1, 2).reshape(b, hkv, nblk * bs, d)

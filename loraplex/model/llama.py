@@ -35,7 +35,7 @@ class MissingWeightsError(ValueError):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
         super().__init__()
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
@@ -47,17 +47,15 @@ class LlamaAttention(nn.Module):
         self.rotary = rope
         self.attn = PagedAttention(h, hkv, d)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, :self.q_size + self.kv_size].reshape(t, h + hkv, d)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(t, hkv, d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)  # [T, H, D]
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
+        qk = self.rotary.apply(qk, *rope)  # q and k heads rotated in one pass
+        o = self.attn(qk[:, :h], qk[:, h:], v)  # [T, H, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -65,30 +63,33 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
+        self.fused = None  # loraplex C++ ops (CPU fp32)
         self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], bias=cfg.mlp_bias)
         self.down_proj = Linear(self.inter, [cfg.hidden_size], bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)  # [T, 2 I]
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_mul(gu))
         return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, max_position, rope)
+        self.self_attn = LlamaAttention(cfg, rope)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(rope, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -100,15 +101,17 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)
         rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope)
+        self.rotary = rope
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(cfg, max_position, rope) for _ in range(cfg.num_layers)])
+            [LlamaDecoderLayer(cfg, rope) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.table(positions, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(rope, x, residual)
         x, _ = self.norm(x, residual)
         return x
 
@@ -133,6 +136,13 @@ class LlamaForCausalLM(nn.Module):
             return packed_linear(hidden, self.lm_head_packed, None).float()  # [R, vocab]
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
+
+    def use_cpu_kernels(self, ops) -> None:
+        """Route norms, RoPE, KV writes and SiLU*mul through loraplex's fused C++ ops (CPU fp32).
+        Decided once per model, so every forward takes one path."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm | PagedAttention | RotaryEmbedding | LlamaMLP):
+                m.fused = ops
 
     def pack_weights(self, batch_hint: int) -> None:
         """After loading: move every projection (and lm_head) to the fastest CPU layout."""
