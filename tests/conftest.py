@@ -49,7 +49,7 @@ FAMILIES: dict[str, dict] = {
                            sliding_window=24),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                   use_sliding_window=False),
-    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32,
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64,
                   use_sliding_window=False),
 }
 

@@ -54,6 +54,66 @@ inline void axpy(float* y, float a, const float* x, int64_t d) {
 }
 #endif
 
+// Each (block, kv head) chunk is one page-sized run in a random place: the hardware prefetcher
+// restarts at every chunk, so fetch the next chunk ahead while the current one is consumed.
+inline void prefetch_chunk(const float* p, int64_t floats) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 0);
+}
+
+// s[t] = scale * q . k_t for t in [t0, t1), k_t = k + (t - base) * D (one block's chunk).
+inline void qk_run(float* s, const float* q, const float* k, int64_t base, int64_t t0, int64_t t1,
+                   int64_t D, float scale) {
+  int64_t t = t0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D == 64) {
+    __m256 qv[8];
+    for (int i = 0; i < 8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
+    for (; t + 4 <= t1; t += 4) {  // four keys at a time: one horizontal reduction for all four
+      const float* k0 = k + (t - base) * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < 8; ++i) {
+        a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
+        a1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + D + 8 * i), a1);
+        a2 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 2 * D + 8 * i), a2);
+        a3 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 3 * D + 8 * i), a3);
+      }
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storeu_ps(s + t, _mm_mul_ps(r, _mm_set1_ps(scale)));
+    }
+  }
+#endif
+  for (; t < t1; ++t) s[t] = dot(q, k + (t - base) * D, D) * scale;
+}
+
+// acc = sum over t in [first, len) of p[t] * v_t, v_t read in place from the paged cache.
+inline void pv_row(float* out, const float* p, const float* vp, const int64_t* table, int64_t Hkv,
+                   int64_t hk, int64_t bs, int64_t D, int64_t first, int64_t len) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D == 64) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t j = first / bs; j * bs < len; ++j) {
+      const float* v = vp + ((table[j] * Hkv + hk) * bs) * D;
+      for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
+        const float* vt = v + (t - j * bs) * D;
+        const __m256 w = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * i), a[i]);
+      }
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, a[i]);
+    return;
+  }
+#endif
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = first / bs; j * bs < len; ++j) {
+    const float* v = vp + ((table[j] * Hkv + hk) * bs) * D;
+    for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t)
+      axpy(out, p[t], v + (t - j * bs) * D, D);
+  }
+}
+
 }  // namespace
 
 // q: [B, H, D]; k_cache, v_cache: [num_blocks, Hkv, block_size, D]; block_tables: [B, max_blocks]
@@ -99,31 +159,26 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
       // Walk whole blocks: no integer division per token (it cost more than the dot products).
       for (int64_t j = first / bs; j * bs < len; ++j) {
         const float* k = kp + ((tp[b * max_blocks + j] * Hkv + hk) * bs) * D;
-        for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
-          const float* kt = k + (t - j * bs) * D;
-          for (int64_t g = 0; g < G; ++g) srow[g * max_len + t] = dot(qrow + g * D, kt, D) * fscale;
-        }
+        if ((j + 1) * bs < len) prefetch_chunk(kp + ((tp[b * max_blocks + j + 1] * Hkv + hk) * bs) * D, bs * D);
+        const int64_t t0 = std::max(first, j * bs), t1 = std::min(len, (j + 1) * bs);
+        for (int64_t g = 0; g < G; ++g)
+          qk_run(srow + g * max_len, qrow + g * D, k, j * bs, t0, t1, D, fscale);
       }
     }
   });
   // Phase 2: ATen's vectorized softmax (masked keys become exactly 0).
   auto probs = at::softmax(scores, -1);
   const float* pp = probs.data_ptr<float>();
-  // Phase 3: out[b, hk*G + g] = sum_t p[t] * v[t], each V vector read once for all G heads.
+  // Phase 3: out[b, hk*G + g] = sum_t p[t] * v[t]. One head at a time so its accumulator stays
+  // in registers; the block's V chunk is re-read from L1 for the other G-1 heads.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      float* orow = op + (b * H + hk * G) * D;
-      std::fill(orow, orow + G * D, 0.f);
       const float* prow = pp + item * G * max_len;
-      for (int64_t j = first / bs; j * bs < len; ++j) {
-        const float* v = vp + ((tp[b * max_blocks + j] * Hkv + hk) * bs) * D;
-        for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
-          const float* vt = v + (t - j * bs) * D;
-          for (int64_t g = 0; g < G; ++g) axpy(orow + g * D, prow[g * max_len + t], vt, D);
-        }
-      }
+      for (int64_t g = 0; g < G; ++g)
+        pv_row(op + (b * H + hk * G + g) * D, prow + g * max_len, vp, tp + b * max_blocks,
+               Hkv, hk, bs, D, first, len);
     }
   });
   return out;
