@@ -233,6 +233,11 @@ class EngineConfig:
     served_model_name: str | None = None
     # C++ CPU kernels (paged decode attention); False forces the pure-torch path.
     use_kernels: bool = True
+    # LoRA (vLLM names): adapters per step, largest rank, adapter_model.bin opt-in.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    allow_pickle_adapters: bool = False
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 

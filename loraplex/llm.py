@@ -29,11 +29,22 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer.hf
 
+    def add_lora(self, name: str, path: str):
+        return self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        return self.engine.remove_lora(name)
+
+    def list_loras(self):
+        return self.engine.list_loras()
+
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora: str | Seq[str | None] | None = None
+                 ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in the order given. Prompts are strings, token id lists
-        or dicts with `prompt` or `prompt_token_ids`."""
+        or dicts with `prompt` or `prompt_token_ids`. `lora`: one adapter name for all prompts,
+        or one per prompt (None = base model)."""
         if isinstance(prompts, str | dict) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -44,7 +55,11 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        return self._run([self._prepare(p, sp) for p, sp in zip(prompts, params)], use_tqdm)
+        loras = list(lora) if isinstance(lora, list | tuple) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(loras)} adapter names")
+        return self._run([self._prepare(p, sp, lo) for p, sp, lo in zip(prompts, params, loras)],
+                         use_tqdm)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -54,11 +69,11 @@ class LLM:
         return self.generate([{"prompt_token_ids": tok.encode_chat(c)} for c in convs],
                              sampling_params, use_tqdm)
 
-    def _prepare(self, prompt: PromptType, params: SamplingParams):
+    def _prepare(self, prompt: PromptType, params: SamplingParams, lora: str | None):
         if isinstance(prompt, dict):
             return self.engine.prepare(prompt.get("prompt"), params,
-                                       prompt_token_ids=prompt.get("prompt_token_ids"))
-        return self.engine.prepare(prompt, params)
+                                       prompt_token_ids=prompt.get("prompt_token_ids"), lora=lora)
+        return self.engine.prepare(prompt, params, lora=lora)
 
     def _run(self, prepared, use_tqdm: bool) -> list[RequestOutput]:
         order = {p.request_id: i for i, p in enumerate(prepared)}

@@ -27,8 +27,11 @@ class Sequence:
     """
 
     __slots__ = (
+        "adapter",
+        "adapter_slot",
         "arrival_time",
         "block_table",
+        "bypassed",
         "cumulative_logprob",
         "detok",
         "finish_reason",
@@ -73,6 +76,10 @@ class Sequence:
         self.detok: IncrementalDetokenizer | None = None
         self.text = ""
         self.priority = 0
+        # LoRA: (name, version) pinned for the sequence's whole life; device slot while RUNNING.
+        self.adapter: tuple[str, str] | None = None
+        self.adapter_slot = -1
+        self.bypassed = 0  # steps it waited while later requests were admitted before it
 
     @property
     def output_token_ids(self) -> list[int]:

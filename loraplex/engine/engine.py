@@ -25,6 +25,8 @@ from loraplex.config import (
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
+from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.manager import LoRAConfig, LoRAManager
 from loraplex.model.loader import load_model, resolve_model_path
 from loraplex.model.sampler import Sampler
 from loraplex.request import CompletionOutput, RequestOutput, Sequence
@@ -50,6 +52,7 @@ class PreparedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # adapter name; None = base model
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -86,11 +89,18 @@ class Engine:
                 f"{kv_block_bytes(m, c.block_size, self.dtype) * self.num_blocks / 2**30:.2f} GiB) "
                 f"cannot hold one sequence of max_model_len={self.sched_config.max_model_len}; "
                 f"raise kv_cache_memory_gb or lower max_model_len")
+        self.lora: LoRAManager | None = None
+        if cfg.enable_lora:
+            self.lora = LoRAManager(self.model, m, LoRAConfig(cfg.max_loras, cfg.max_lora_rank,
+                                                              cfg.allow_pickle_adapters),
+                                    self.device, self.dtype)
         self.block_manager = BlockManager(self.num_blocks, c.block_size)
-        self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids)
+        self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids,
+                                   self.lora)
         self.sampler = Sampler(self.device, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, m, self.num_blocks, c.block_size, self.device,
-                                  self.dtype, self.sampler, cfg.use_kernels)
+                                  self.dtype, self.sampler, cfg.use_kernels,
+                                  lora_enabled=self.lora is not None)
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
@@ -98,12 +108,31 @@ class Engine:
                  time.perf_counter() - t0, self.model_path, self.dtype, self.device,
                  self.num_blocks, c.block_size)
 
+    # ---- adapters ---------------------------------------------------------------------------
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ConfigError("LoRA is not enabled (EngineConfig(enable_lora=True))")
+        return self.lora
+
+    def add_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Load (and validate) an adapter; re-adding a name makes its new weights the version
+        new requests get, while in-flight requests finish on the old one."""
+        return self._lora_manager().add_lora(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        return self._lora_manager().remove_lora(name)
+
+    def list_loras(self) -> list[LoRAAdapter]:
+        return [] if self.lora is None else self.lora.list_loras()
+
     # ---- requests ---------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                request_id: str | None = None, prompt_token_ids: list[int] | None = None
-                ) -> PreparedRequest:
+                request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                lora: str | None = None) -> PreparedRequest:
         """Validate and tokenize. Pure: safe to call from any thread."""
         params = params or SamplingParams()
+        if lora is not None and (self.lora is None or self.lora.get(lora) is None):
+            raise RequestError(f"The model `{lora}` does not exist.", "model")
         if isinstance(prompt, list):
             prompt, prompt_token_ids = None, prompt
         if prompt_token_ids is None:
@@ -128,12 +157,14 @@ class Engine:
                 f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, "
                 f"{params.max_tokens} in the completion).", "max_tokens")
         rid = request_id if request_id is not None else f"req-{next(self._req_ids)}"
-        return PreparedRequest(rid, prompt, list(prompt_token_ids), params)
+        return PreparedRequest(rid, prompt, list(prompt_token_ids), params, lora)
 
     def add_prepared(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:
             raise RequestError(f"request id {req.request_id!r} is already in flight")
         p = req.params
+        if req.lora is not None and (self.lora is None or self.lora.get(req.lora) is None):
+            raise RequestError(f"The model `{req.lora}` does not exist.", "model")
         seqs = []
         for i in range(p.n):
             seed = None if p.seed is None else p.seed + i
@@ -143,6 +174,8 @@ class Engine:
                                                p.skip_special_tokens)
             seqs.append(seq)
         for seq in seqs:
+            if req.lora is not None:
+                seq.adapter = self._lora_manager().pin(req.lora)  # unpinned when it finishes
             self.scheduler.add(seq)
         self._requests[req.request_id] = _RequestState(req, seqs)
 

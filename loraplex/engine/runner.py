@@ -12,6 +12,7 @@ import torch
 
 from loraplex.config import ModelConfig
 from loraplex.engine.batch import SampledToken, ScheduledBatch, ScheduledRow
+from loraplex.lora.ops import LoRABatch
 from loraplex.model.context import Context, PrefillSegment, set_context
 from loraplex.model.llama import LlamaForCausalLM
 from loraplex.model.sampler import Sampler
@@ -20,13 +21,15 @@ from loraplex.model.sampler import Sampler
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int,
                  block_size: int, device: torch.device, dtype: torch.dtype,
-                 sampler: Sampler, use_kernels: bool = True) -> None:
+                 sampler: Sampler, use_kernels: bool = True, lora_enabled: bool = False
+                 ) -> None:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
         self.window = cfg.sliding_window
+        self.lora_enabled = lora_enabled
         self.decode_kernel = None
         if use_kernels and device.type == "cpu" and dtype == torch.float32:
             from loraplex.kernels import kernels
@@ -72,6 +75,9 @@ class ModelRunner:
         head_off = torch.arange(hkv, device=self.device) * bs
         kv_rows = (self._tensor(base_rows).unsqueeze(1) + head_off).reshape(-1)  # [T * Hkv]
         ctx = Context(kv_rows=kv_rows)
+        if self.lora_enabled:
+            slots = [r.adapter_slot for r in rows for _ in range(len(r.token_ids))]
+            ctx.lora = LoRABatch.build(slots, self.device)
         decode = [r for r in rows if len(r.token_ids) == 1]
         nd = len(decode)
         ctx.num_decode = nd

@@ -8,23 +8,36 @@ Policy (FCFS with recompute preemption, chunked prefill):
 2. If nothing was preempted, waiting sequences are admitted in arrival order while the budget,
    `max_num_seqs` and free blocks allow.
 Prefill and decode rows share one step, so a long prompt never stalls running streams.
+
+With LoRA, a waiting sequence also needs its adapter in a device slot; at most `max_loras`
+distinct adapters run at once. A sequence whose adapter cannot get a slot is passed over, and
+later requests whose adapters are resident go first, but only for `max_bypass` steps: after
+that nothing behind it is admitted until a slot frees up, so every request is admitted within
+a bounded number of steps.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.batch import SampledToken, ScheduledBatch, ScheduledRow
 from loraplex.engine.block_manager import BlockManager
 from loraplex.request import SeqStatus, Sequence
 
+if TYPE_CHECKING:
+    from loraplex.lora.manager import LoRAManager
+
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+                 eos_token_ids: tuple[int, ...] = (), lora: LoRAManager | None = None,
+                 max_bypass: int = 32) -> None:
         self.cfg = cfg
         self.bm = block_manager
+        self.lora = lora
+        self.max_bypass = max_bypass
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -48,9 +61,12 @@ class Scheduler:
             return
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._release_slot(seq)
         else:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        if seq.adapter is not None and self.lora is not None:
+            self.lora.unpin(seq.adapter)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -68,8 +84,14 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step ---------------------------------------------------------------------------
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.adapter is not None and self.lora is not None:
+            self.lora.deactivate(seq.adapter)
+        seq.adapter_slot = -1
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_slot(seq)
         self.bm.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
@@ -99,13 +121,25 @@ class Scheduler:
                 continue
             break  # `seq` preempted itself: nothing later in `running` can fit either
 
-        while (not preempted and self.waiting and budget > 0
+        i = 0
+        while (not preempted and i < len(self.waiting) and budget > 0
                and len(self.running) < self.cfg.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            if seq.adapter is not None and self.lora is not None \
+                    and not self.lora.can_activate(seq.adapter):
+                seq.bypassed += 1
+                if seq.bypassed > self.max_bypass:
+                    break  # starvation guard: admit nobody behind it until a slot frees up
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.allocate(seq, seq.num_computed_tokens + num_new):
                 break
-            self.waiting.popleft()
+            if seq.adapter is not None and self.lora is not None:
+                slot = self.lora.activate(seq.adapter)
+                assert slot is not None  # can_activate said so, and nothing ran in between
+                seq.adapter_slot = slot
+            del self.waiting[i]
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             planned.append((seq, num_new))
@@ -130,6 +164,7 @@ class Scheduler:
             seed=seq.seed,
             prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
+            adapter_slot=seq.adapter_slot,
         )
 
     def update(self, batch: ScheduledBatch, sampled: list[SampledToken]) -> list[Sequence]:

@@ -1,0 +1,214 @@
+"""Read a PEFT LoRA folder and validate it against the base model.
+
+A folder is `adapter_config.json` + `adapter_model.safetensors` (or, only with an explicit
+opt-in, `adapter_model.bin` read with `torch.load(weights_only=True)`). Everything that changes
+the math and is not implemented (DoRA, modules_to_save, LoRA bias, embedding or lm_head LoRA) is
+refused by name, never ignored. Every error is a LoRAError naming the module and the shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.config import ModelConfig
+
+# HF projection name -> (fused base module, shard index). Same table the model loader uses.
+PROJECTIONS = {
+    "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+MAX_ADAPTER_FILE_BYTES = 4 << 30
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot be served; the message says why (module, shapes, feature)."""
+
+
+def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection of the base model."""
+    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, \
+        cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}[proj]
+
+
+@dataclass(slots=True)
+class LoRAModule:
+    layer: int
+    proj: str  # HF projection name (q_proj, ..., down_proj)
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (per-module patterns)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    name: str
+    path: str
+    version: str  # content hash of config + weights: a changed folder is a new version
+    modules: dict[tuple[int, str], LoRAModule]
+    base_model_name_or_path: str | None
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+                   for m in self.modules.values())
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module name when the
+    # name ends with it at a dot boundary; the first matching key wins.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _check_config(cfg: dict, where: str) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoRAError(f"{where}: peft_type {peft_type} is not supported (only LORA)")
+    refused = []
+    if cfg.get("use_dora"):
+        refused.append("DoRA (use_dora=true)")
+    if cfg.get("modules_to_save"):
+        refused.append(f"modules_to_save={cfg['modules_to_save']}")
+    if cfg.get("lora_bias"):
+        refused.append("LoRA bias (lora_bias=true)")
+    if cfg.get("bias", "none") not in ("none", None):
+        refused.append(f"bias={cfg['bias']!r} (trained biases)")
+    if cfg.get("fan_in_fan_out"):
+        refused.append("fan_in_fan_out=true")
+    if cfg.get("layer_replication"):
+        refused.append("layer_replication")
+    targets = cfg.get("target_modules")
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    for bad in ("embed_tokens", "lm_head"):
+        if any(bad in str(t) for t in names):
+            refused.append(f"{bad} LoRA (target_modules={targets})")
+    if refused:
+        raise LoRAError(f"{where}: unsupported adapter feature(s): {'; '.join(refused)}")
+    if not isinstance(cfg.get("r", 8), int) or cfg.get("r", 8) < 1:
+        raise LoRAError(f"{where}: r must be a positive integer, got {cfg.get('r')!r}")
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], bytes]:
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        size = st.stat().st_size
+        if size > MAX_ADAPTER_FILE_BYTES:
+            raise LoRAError(f"{st}: {size} bytes is larger than any LoRA adapter loraplex "
+                            f"accepts ({MAX_ADAPTER_FILE_BYTES} bytes)")
+        data = st.read_bytes()
+        try:
+            from safetensors.torch import load
+
+            return load(data), data
+        except Exception as e:
+            raise LoRAError(f"{st}: not a valid safetensors file ({e})") from None
+    pt = folder / "adapter_model.bin"
+    if pt.is_file():
+        if not allow_pickle:
+            raise LoRAError(f"{folder} has only adapter_model.bin (a pickle); loading pickles "
+                            f"must be enabled explicitly (allow_pickle / --allow-pickle-adapters)")
+        data = pt.read_bytes()
+        try:
+            import io
+
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), data
+        except Exception as e:
+            raise LoRAError(f"{pt}: cannot be read with weights_only=True ({e})") from None
+    raise LoRAError(f"{folder} has no adapter_model.safetensors")
+
+
+def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: int,
+                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoRAAdapter:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoRAError(f"adapter {name!r}: {folder} is not a folder")
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise LoRAError(f"adapter {name!r}: {folder} has no adapter_config.json")
+    try:
+        cfg_bytes = cfg_path.read_bytes()
+        cfg = json.loads(cfg_bytes)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise LoRAError(f"adapter {name!r}: adapter_config.json is not valid JSON ({e})") from None
+    where = f"adapter {name!r}"
+    _check_config(cfg, where)
+    tensors, raw = _read_tensors(folder, allow_pickle)
+
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            hint = ""
+            if "lora_magnitude_vector" in key:
+                hint = " (DoRA magnitude vector)"
+            elif "embed" in key or "lm_head" in key:
+                hint = " (embedding / lm_head LoRA is not supported)"
+            elif key.endswith(".bias"):
+                hint = " (LoRA bias is not supported)"
+            raise LoRAError(f"{where}: unexpected tensor {key}{hint}")
+        layer, _, proj, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if proj not in PROJECTIONS:
+            raise LoRAError(f"{where}: {key} targets {proj!r}, which is not a projection of "
+                            f"the base model ({', '.join(PROJECTIONS)})")
+        if layer >= base.num_layers:
+            raise LoRAError(f"{where}: {key} targets layer {layer} but the base model has "
+                            f"{base.num_layers} layers")
+        pairs.setdefault((layer, proj), {})[ab] = t
+    if not pairs:
+        raise LoRAError(f"{where}: the adapter matches no module of the base model "
+                        f"(no lora_A/lora_B tensors for its projections)")
+
+    r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    modules: dict[tuple[int, str], LoRAModule] = {}
+    for (layer, proj), ab in sorted(pairs.items()):
+        mod_name = f"model.layers.{layer}.{'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{proj}"  # noqa: E501
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{where}: {mod_name} has lora_{next(iter(ab))} but not its pair")
+        a, b = ab["A"], ab["B"]
+        fin, fout = projection_shape(base, proj)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fin or b.shape[0] != fout \
+                or a.shape[0] != b.shape[1]:
+            raise LoRAError(f"{where}: {mod_name} lora_A {tuple(a.shape)} / lora_B "
+                            f"{tuple(b.shape)} do not fit the base projection ({fin} -> {fout}): "
+                            f"expected lora_A [r, {fin}] and lora_B [{fout}, r]")
+        r = a.shape[0]
+        if r > max_lora_rank:
+            raise LoRAError(f"{where}: {mod_name} has rank {r} > max_lora_rank={max_lora_rank}")
+        r_cfg = int(_pattern_value(cfg.get("rank_pattern"), mod_name, r_default))
+        if r_cfg != r:
+            raise LoRAError(f"{where}: {mod_name} has rank {r} in its weights but {r_cfg} in "
+                            f"adapter_config.json")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), mod_name, alpha_default))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        if not all(torch.isfinite(x).all() for x in (a, b)):
+            raise LoRAError(f"{where}: {mod_name} has NaN or infinite weights")
+        modules[(layer, proj)] = LoRAModule(layer, proj, a.to(dtype).contiguous(),
+                                            b.to(dtype).contiguous(), scale)
+    version = hashlib.sha256(cfg_bytes + raw).hexdigest()[:16]
+    return LoRAAdapter(name, str(folder), version, modules, cfg.get("base_model_name_or_path"))

@@ -1,0 +1,177 @@
+"""Adapters at run time: the registry (name -> current version), the CPU copies, and the
+device slots that one step's rows index.
+
+Tiers: disk (the PEFT folder, read and validated once by `add_lora`) -> CPU (`LoRAAdapter`
+tensors, kept while registered or still in use) -> device slots (`max_loras` of them, shared by
+every projection's `LoRASlots`). Invariants:
+  * a version is pinned (`_users`) from the moment a request is admitted to the engine until it
+    finishes or aborts: its CPU copy is never dropped while pinned, even after `remove_lora` or
+    a re-add of the same name with new weights (in-flight requests finish on their version);
+  * a device slot holds one version; it is reassigned only when no RUNNING sequence uses it
+    (`_running`), least recently used first. So a step never has more than `max_loras`
+    distinct adapters, and a running sequence's slot never changes under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.config import ConfigError, ModelConfig
+from loraplex.lora.adapter import PROJECTIONS, LoRAAdapter, LoRAError, load_adapter
+from loraplex.lora.ops import LoRASlots
+from loraplex.model.layers import Linear
+
+log = logging.getLogger(__name__)
+
+AdapterKey = tuple[str, str]  # (name, version)
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    max_loras: int = 4  # distinct adapters per step (device slots)
+    max_lora_rank: int = 16
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ConfigError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
+
+
+class LoRAManager:
+    def __init__(self, model: torch.nn.Module, base: ModelConfig, cfg: LoRAConfig,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.base, self.cfg, self.device, self.dtype = base, cfg, device, dtype
+        num_slots = cfg.max_loras + 1  # the last slot stays zero
+        # (layer, fused module name) -> LoRASlots attached to that Linear
+        self.slots: dict[tuple[int, str], LoRASlots] = {}
+        for i, layer in enumerate(model.model.layers):
+            for fused in {f for f, _ in PROJECTIONS.values()}:
+                lin = layer.get_submodule(fused)
+                assert isinstance(lin, Linear)
+                s = LoRASlots(lin.in_features, lin.output_sizes, num_slots, cfg.max_lora_rank,
+                              device, dtype)
+                lin.lora = s
+                self.slots[(i, fused)] = s
+        self._current: dict[str, LoRAAdapter] = {}  # registry: name -> current version
+        self._versions: dict[AdapterKey, LoRAAdapter] = {}  # every version still needed
+        self._users: Counter[AdapterKey] = Counter()  # live requests' sequences per version
+        self._running: Counter[AdapterKey] = Counter()  # RUNNING sequences per version
+        self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
+        self._free_slots = list(range(cfg.max_loras))
+        self.stats = Counter()
+        self.load_seconds: list[float] = []
+
+    # ---- registry ---------------------------------------------------------------------------
+    def add_lora(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Load and validate from disk; replaces the current version of `name` for new requests."""
+        t0 = time.perf_counter()
+        ad = load_adapter(name, path, self.base, self.cfg.max_lora_rank, self.dtype,
+                          self.cfg.allow_pickle)
+        self.load_seconds.append(time.perf_counter() - t0)
+        self.stats["loads"] += 1
+        old = self._current.get(name)
+        self._current[name] = ad
+        self._versions[(name, ad.version)] = ad
+        if old is not None and old.version != ad.version:
+            self._maybe_drop((name, old.version))
+        return ad
+
+    def remove_lora(self, name: str) -> bool:
+        """Unregister `name`: new requests are refused; in-flight ones finish on their version."""
+        ad = self._current.pop(name, None)
+        if ad is None:
+            return False
+        self._maybe_drop((name, ad.version))
+        return True
+
+    def list_loras(self) -> list[LoRAAdapter]:
+        return list(self._current.values())
+
+    def get(self, name: str) -> LoRAAdapter | None:
+        return self._current.get(name)
+
+    def _maybe_drop(self, key: AdapterKey) -> None:
+        if self._users[key] > 0 or (self._current.get(key[0], None) is not None and \
+                self._current[key[0]].version == key[1]):
+            return
+        self._versions.pop(key, None)
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            self._clear_slot(slot)
+            self._free_slots.append(slot)
+
+    # ---- request lifetime -------------------------------------------------------------------
+    def pin(self, name: str) -> AdapterKey:
+        ad = self._current.get(name)
+        if ad is None:
+            raise LoRAError(f"adapter {name!r} is not loaded")
+        key = (name, ad.version)
+        self._users[key] += 1
+        return key
+
+    def unpin(self, key: AdapterKey) -> None:
+        self._users[key] -= 1
+        if self._users[key] <= 0:
+            del self._users[key]
+            self._maybe_drop(key)
+
+    # ---- device slots (called by the scheduler) ---------------------------------------------
+    def activate(self, key: AdapterKey) -> int | None:
+        """Slot of `key` for a sequence about to run, loading it into a slot if needed; None
+        when every slot is held by running sequences of other adapters."""
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self._slot_of.move_to_end(key)
+            self.stats["slot_hits"] += 1
+        else:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            else:
+                victim = next((k for k in self._slot_of if self._running[k] == 0), None)
+                if victim is None:
+                    return None
+                slot = self._slot_of.pop(victim)
+                self.stats["evictions"] += 1
+            self._load_slot(slot, self._versions[key])
+            self._slot_of[key] = slot
+            self.stats["slot_misses"] += 1
+        self._running[key] += 1
+        return slot
+
+    def deactivate(self, key: AdapterKey) -> None:
+        self._running[key] -= 1
+        if self._running[key] <= 0:
+            del self._running[key]
+
+    def can_activate(self, key: AdapterKey) -> bool:
+        return key in self._slot_of or bool(self._free_slots) or any(
+            self._running[k] == 0 for k in self._slot_of)
+
+    def is_resident(self, key: AdapterKey) -> bool:
+        return key in self._slot_of
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(self._users.values())
+
+    @property
+    def num_running(self) -> int:
+        return sum(self._running.values())
+
+    def _clear_slot(self, slot: int) -> None:
+        for s in self.slots.values():
+            s.clear(slot)
+
+    def _load_slot(self, slot: int, ad: LoRAAdapter) -> None:
+        self._clear_slot(slot)
+        for (layer, proj), m in ad.modules.items():
+            fused, shard = PROJECTIONS[proj]
+            self.slots[(layer, fused)].write(slot, shard, m.a, m.b, m.scale)
