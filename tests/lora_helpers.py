@@ -7,18 +7,20 @@ from pathlib import Path
 import torch
 
 
-def make_peft_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
+def make_peft_adapter(base_dir: Path, out: Path, seed: int, std: float = 0.1,
+                      **lora_kwargs) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     cfg = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs)
+    torch.manual_seed(seed)  # PEFT's own init of A (Kaiming uniform), reproducible
     model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:  # B is zero after PEFT init: randomize
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            if "lora_B" in name:  # PEFT initializes B to zero (a no-op adapter): randomize it
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     model.save_pretrained(str(out))
     return out
 

@@ -52,12 +52,13 @@ class AsyncEngine:
     # ---- caller side ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                        request_id: str | None = None,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: list[int] | None = None,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs until the request finishes. Closing the iterator (or
         cancelling the task) before then aborts the request and frees its resources."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        req = self.engine.prepare(prompt, params, request_id, prompt_token_ids)
+        req = self.engine.prepare(prompt, params, request_id, prompt_token_ids, lora)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
             if self._stopping:

@@ -180,9 +180,9 @@ class Engine:
         self._requests[req.request_id] = _RequestState(req, seqs)
 
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt_token_ids: list[int] | None = None
-                    ) -> str:
-        req = self.prepare(prompt, params, request_id, prompt_token_ids)
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                    lora: str | None = None) -> str:
+        req = self.prepare(prompt, params, request_id, prompt_token_ids, lora)
         self.add_prepared(req)
         return req.request_id
 

@@ -1,0 +1,144 @@
+"""Adapters at run time: version swap under load, removal while in use, pinning, fairness."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from lora_helpers import make_peft_adapter
+
+from loraplex import LLM, SamplingParams
+from loraplex.engine.engine import RequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory, tmp_path_factory):
+    base = tiny_model_factory("llama")
+    tmp = tmp_path_factory.mktemp("adapters")
+    paths = {f"a{i}": make_peft_adapter(base, tmp / f"a{i}", seed=10 + i, r=8, lora_alpha=16,
+                                        target_modules="all-linear") for i in range(6)}
+    return base, paths
+
+
+def _prompts(k, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 259) for _ in range(rng.randrange(4, 20))] for _ in range(k)]
+
+
+def _reference(base, path, prompts):
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_lora_rank=8)
+    llm.add_lora("x", str(path))
+    return [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora="x")]
+
+
+def _run(eng, rids):
+    done = {}
+    while eng.has_unfinished_requests:
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    return [done[r] for r in rids]
+
+
+def test_version_swap_under_load(setup):
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=2, max_lora_rank=8)
+    eng = llm.engine
+    v1 = llm.add_lora("t", str(paths["a0"])).version
+    old_prompts, new_prompts = _prompts(4, 1), _prompts(4, 2)
+    old = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora="t") for p in old_prompts]
+    for _ in range(3):
+        eng.step()
+    v2 = llm.add_lora("t", str(paths["a1"])).version  # same name, new weights
+    assert v1 != v2
+    new = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora="t") for p in new_prompts]
+    got = _run(eng, old + new)
+    assert got[:4] == _reference(base, paths["a0"], old_prompts)  # in-flight: old version
+    assert got[4:] == _reference(base, paths["a1"], new_prompts)  # new requests: new version
+    assert [a.version for a in llm.list_loras()] == [v2]
+    assert ("t", v1) not in eng.lora._versions  # old version dropped once unused
+    assert eng.lora.num_pinned == 0
+
+
+def test_remove_while_in_use_lets_requests_finish(setup):
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_lora_rank=8)
+    eng = llm.engine
+    llm.add_lora("gone", str(paths["a2"]))
+    prompts = _prompts(3, 3)
+    rids = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora="gone") for p in prompts]
+    eng.step()
+    assert llm.remove_lora("gone")
+    with pytest.raises(RequestError, match="does not exist"):
+        eng.add_request(None, GREEDY, prompt_token_ids=[5, 6], lora="gone")
+    assert _run(eng, rids) == _reference(base, paths["a2"], prompts)
+    assert eng.lora.num_pinned == 0 and not eng.lora._versions
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_running_adapters_are_never_evicted_and_slots_bound_distinct(setup):
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=2, max_lora_rank=8)
+    eng = llm.engine
+    for n, p in paths.items():
+        llm.add_lora(n, str(p))
+    names = [f"a{i % 6}" for i in range(18)]
+    prompts = _prompts(18, 4)
+    rids = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora=n)
+            for p, n in zip(prompts, names)]
+    slot_owner_seen: dict[int, tuple] = {}
+    schedule = eng.scheduler.schedule
+
+    def checked_schedule():
+        batch = schedule()
+        slots = {r.adapter_slot for r in batch.rows}
+        assert len(slots - {-1}) <= 2, "more distinct adapters in a step than max_loras"
+        for seq in eng.scheduler.running:  # a running sequence's slot still holds its adapter
+            assert eng.lora._slot_of[seq.adapter] == seq.adapter_slot
+            slot_owner_seen.setdefault(seq.seq_id, seq.adapter)
+        return batch
+
+    eng.scheduler.schedule = checked_schedule
+    got = _run(eng, rids)
+    assert eng.lora.stats["evictions"] > 0
+    for n in set(names):  # every request got its own adapter's output
+        idx = [i for i, m in enumerate(names) if m == n]
+        assert [got[i] for i in idx] == _reference(base, paths[n], [prompts[i] for i in idx])
+    assert eng.lora.num_pinned == 0 and eng.lora.num_running == 0
+
+
+@pytest.mark.parametrize("max_bypass,bounded", [(8, True), (10**9, False)])
+def test_fairness_with_more_adapters_than_slots(setup, max_bypass, bounded):
+    """A request for a non-resident adapter behind a stream of requests for the 2 resident ones:
+    the bypass bound admits it within max_bypass + max_tokens steps; without it, it starves
+    until the stream stops."""
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=2, max_lora_rank=8)
+    eng = llm.engine
+    eng.scheduler.max_bypass = max_bypass
+    for n in ("a0", "a1", "a2"):
+        llm.add_lora(n, str(paths[n]))
+    short = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    rng = random.Random(9)
+    eng.add_request(None, short, prompt_token_ids=[7, 8, 9], lora="a0")
+    eng.add_request(None, short, prompt_token_ids=[7, 8, 10], lora="a1")
+    eng.step()
+    starving = eng.add_request(None, short, prompt_token_ids=[11, 12], lora="a2")
+    seq = eng._requests[starving].seqs[0]
+    admitted_at = None
+    for step in range(120):
+        for name in ("a0", "a1"):  # keep both slots busy
+            eng.add_request(None, short, prompt_token_ids=[rng.randrange(3, 259)], lora=name)
+        eng.step()
+        if admitted_at is None and seq.status.value != "waiting":
+            admitted_at = step
+    if bounded:
+        assert admitted_at is not None and admitted_at <= max_bypass + 2 * short.max_tokens
+    else:
+        assert admitted_at is None
+    while eng.has_unfinished_requests:
+        eng.step()
+    assert eng.lora.num_pinned == 0
