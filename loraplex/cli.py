@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", dest="kv_cache_memory_gb", type=float, default=1.0,
                    help="KV cache budget in GiB")
+    g.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "mkl"],
+                   help="CPU fp32 GEMM backend: onednn (fast, default) or mkl (more accurate)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -33,7 +35,7 @@ def engine_config(args: argparse.Namespace):
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory_gb)
+        kv_cache_memory_gb=args.kv_cache_memory_gb, cpu_gemm=args.cpu_gemm)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

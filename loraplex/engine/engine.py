@@ -73,6 +73,7 @@ class Engine:
         self.sched_config = cfg.with_model_len(self.model_config.max_position_embeddings)
         self.model = load_model(self.model_path, self.device, self.dtype,
                                 self.sched_config.max_model_len,
+                                pack=cfg.cpu_gemm == "onednn",
                                 batch_hint=min(self.sched_config.max_num_seqs, 64))
         self.tokenizer = Tokenizer(cfg.tokenizer or self.model_path)
         self.eos_token_ids = tuple(sorted(set(self.model_config.eos_token_ids)
