@@ -53,12 +53,15 @@ def _check(llm, oracle, prompts, names):
         assert toks == oracle.greedy(name, p, N_NEW), f"adapter {name}: tokens differ"
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_mixed_adapter_batch_matches_peft(tiny_model_factory, tmp_path, family):
+def test_mixed_adapter_batch_matches_peft(tiny_model_factory, tmp_path, family, use_kernels):
     base = tiny_model_factory(family)
     paths = _adapters(base, tmp_path)
     oracle = PeftOracle(base, paths)
-    llm = LLM(str(base), max_model_len=256, enable_lora=True, max_loras=5, max_lora_rank=64)
+    llm = LLM(str(base), max_model_len=256, enable_lora=True, max_loras=5, max_lora_rank=64,
+              use_kernels=use_kernels)
+    assert (llm.engine.runner.lora_kernel is not None) == use_kernels
     for n, p in paths.items():
         llm.add_lora(n, str(p))
     rng = random.Random(3)
@@ -83,7 +86,10 @@ def test_more_adapters_than_slots_matches_peft(tiny_model_factory, tmp_path):
     assert llm.engine.lora.stats["evictions"] > 0
 
 
-def test_batched_op_equals_reference():
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "torch"])
+def test_batched_op_equals_reference(use_kernel):
+    from loraplex.kernels import kernels
+
     torch.manual_seed(0)
     m = LoRASlots(32, [16, 8, 8], num_slots=4, max_rank=8, device=torch.device("cpu"),
                   dtype=torch.float32)
@@ -92,7 +98,8 @@ def test_batched_op_equals_reference():
             m.write(slot, shard, torch.randn(r, 32), torch.randn(out, r), 0.5 + slot)
     slots = [1, -1, 0, 0, 2, 1, -1, 2, 2, 0]
     x = torch.randn(len(slots), 32)
-    batch = LoRABatch.build(slots, torch.device("cpu"))
+    batch = LoRABatch.build(slots, torch.device("cpu"),
+                            kernels().lora_delta_ if use_kernel else None)
     got = batch.apply(m, x, torch.zeros(len(slots), 32))
     want = reference_delta(m, x, torch.tensor(slots))
     assert torch.allclose(got, want, atol=1e-5)

@@ -31,12 +31,14 @@ class ModelRunner:
         self.window = cfg.sliding_window
         self.lora_enabled = lora_enabled
         self.decode_kernel = None
+        self.lora_kernel = None  # C++ segmented LoRA delta (CPU fp32), else the torch path
         if use_kernels and device.type == "cpu" and dtype == torch.float32:
             from loraplex.kernels import kernels
 
             ops = kernels()
             if ops is not None:
                 self.decode_kernel = ops.paged_decode_attention
+                self.lora_kernel = ops.lora_delta_
                 model.use_cpu_kernels(ops)
         # Test hook: called with (sampled rows, their fp32 logits) before sampling.
         self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
@@ -77,7 +79,7 @@ class ModelRunner:
         ctx = Context(kv_rows=kv_rows)
         if self.lora_enabled:
             slots = [r.adapter_slot for r in rows for _ in range(len(r.token_ids))]
-            ctx.lora = LoRABatch.build(slots, self.device)
+            ctx.lora = LoRABatch.build(slots, self.device, self.lora_kernel)
         decode = [r for r in rows if len(r.token_ids) == 1]
         nd = len(decode)
         ctx.num_decode = nd

@@ -34,7 +34,7 @@ def kernels():
             build = cache_root() / "kernels"
             build.mkdir(parents=True, exist_ok=True)
             here = Path(__file__).parent
-            srcs = [str(here / "paged_attention.cpp"), str(here / "fused_ops.cpp")]
+            srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp")]
             import torch
 
             load(name="loraplex_kernels", sources=srcs,

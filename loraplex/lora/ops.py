@@ -1,12 +1,17 @@
 """Batched LoRA deltas for a step, plus the slow per-row reference the tests compare against.
 
 Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) owns a `LoRASlots`:
-  a: [num_slots, n_shards * R, in]   the shards' A matrices stacked along the rank axis;
-  b: [num_slots, out, n_shards * R]  block-diagonal: shard j's rows use columns j*R:(j+1)*R,
-                                     with the adapter's scale folded in.
-So a fused projection gets all its deltas from one shrink and one expand: y += (x Aᵀ) Bᵀ.
-Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks are
-zero-padded.
+  a:     [num_slots, n_shards * R, in]   the shards' A matrices stacked along the rank axis;
+  bt:    [num_slots, n_shards * R, out]  each shard's B transposed, scale folded in, placed in
+                                         that shard's output columns (zeros elsewhere);
+  ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
+So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
+Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
+the first r rows and the C++ kernel computes only those.
+
+Two paths, chosen once per step by the runner (`LoRABatch.build`): the C++ segmented kernel
+(CPU fp32: one call per projection, tokens grouped by adapter, only real ranks computed) and a
+pure-torch gather + bmm path (any device/dtype; mixed ranks zero-padded to R).
 """
 
 from __future__ import annotations
@@ -29,19 +34,24 @@ class LoRASlots(nn.Module):
         self.rank = max_rank
         n = len(output_sizes)
         self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype)
-        self.b = torch.zeros(num_slots, self.out_features, n * max_rank, device=device,
-                             dtype=dtype)
+        self.bt = torch.zeros(num_slots, n * max_rank, self.out_features, device=device,
+                              dtype=dtype)
+        self.ranks = torch.zeros(num_slots, n, dtype=torch.long)
+        self.shard_sizes = torch.tensor(self.output_sizes, dtype=torch.long)
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.bt[slot].zero_()
+        self.ranks[slot].zero_()
 
     def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor, scale: float
               ) -> None:
         r, big_r = a.shape[0], self.rank
         off = sum(self.output_sizes[:shard])
-        self.a[slot, shard * big_r:shard * big_r + r].copy_(a)
-        self.b[slot, off:off + b.shape[0], shard * big_r:shard * big_r + r].copy_(b * scale)
+        rows = slice(shard * big_r, shard * big_r + r)
+        self.a[slot, rows].copy_(a)
+        self.bt[slot, rows, off:off + b.shape[0]].copy_(b.t() * scale)
+        self.ranks[slot, shard] = r
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_context().lora
@@ -54,43 +64,58 @@ class LoRASlots(nn.Module):
 class LoRABatch:
     """Per-step LoRA metadata (built once by the runner): tokens grouped by adapter slot.
 
-    gather: [k, L] token index per (group, position), padded with T (a zero row);
-    slots: [k] the device slot of each group; dest/src: where the valid (non-pad) entries of
-    the flattened [k * L] result go in the [T] token axis. Base-model tokens are in no group.
+    tokens/offsets/slots: group g's tokens are tokens[offsets[g]:offsets[g+1]], its slot
+    slots[g] (kernel path). gather [k, L] (padded with T, a zero row), dest/src: where the valid
+    entries of the flattened [k * L] result go in the [T] token axis (torch path). Base-model
+    tokens belong to no group.
     """
 
-    gather: torch.Tensor
+    tokens: torch.Tensor
+    offsets: torch.Tensor
     slots: torch.Tensor
-    dest: torch.Tensor
-    src: torch.Tensor
     token_slots: torch.Tensor  # [T], -1 = base (reference path and tests)
+    kernel: object | None = None
+    gather: torch.Tensor | None = None
+    dest: torch.Tensor | None = None
+    src: torch.Tensor | None = None
 
     @staticmethod
-    def build(token_slots: list[int], device: torch.device) -> LoRABatch | None:
+    def build(token_slots: list[int], device: torch.device, kernel: object | None = None
+              ) -> LoRABatch | None:
         groups: dict[int, list[int]] = {}
         for t, s in enumerate(token_slots):
             if s >= 0:
                 groups.setdefault(s, []).append(t)
         if not groups:
             return None
-        n_tok = len(token_slots)
-        width = max(len(g) for g in groups.values())
-        gather, dest, src = [], [], []
-        for i, toks in enumerate(groups.values()):
-            gather.append(toks + [n_tok] * (width - len(toks)))
-            dest.extend(toks)
-            src.extend(range(i * width, i * width + len(toks)))
 
         def t(v: list) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.long, device=device)
 
-        return LoRABatch(t(gather), t(list(groups)), t(dest), t(src), t(token_slots))
+        flat = [tok for g in groups.values() for tok in g]
+        offsets = [0]
+        for g in groups.values():
+            offsets.append(offsets[-1] + len(g))
+        batch = LoRABatch(t(flat), t(offsets), t(list(groups)), t(token_slots), kernel)
+        if kernel is None:
+            n_tok = len(token_slots)
+            width = max(len(g) for g in groups.values())
+            gather, src = [], []
+            for i, toks in enumerate(groups.values()):
+                gather.append(toks + [n_tok] * (width - len(toks)))
+                src.extend(range(i * width, i * width + len(toks)))
+            batch.gather, batch.dest, batch.src = t(gather), batch.tokens, t(src)
+        return batch
 
     def apply(self, m: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            self.kernel(y, x.contiguous(), m.a, m.bt, m.ranks, m.shard_sizes, self.tokens,
+                        self.offsets, self.slots)
+            return y
         xz = torch.cat((x, x.new_zeros(1, x.shape[1])))  # row T = zeros for padding
         xs = xz[self.gather]  # [k, L, in]
         xa = torch.bmm(xs, m.a[self.slots].transpose(1, 2))  # [k, L, nR]
-        d = torch.bmm(xa, m.b[self.slots].transpose(1, 2))  # [k, L, out]
+        d = torch.bmm(xa, m.bt[self.slots])  # [k, L, out]
         y.index_add_(0, self.dest, d.reshape(-1, d.shape[-1])[self.src])
         return y
 
@@ -101,5 +126,5 @@ def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) ->
     for t in range(x.shape[0]):
         s = int(token_slots[t])
         if s >= 0:
-            out[t] = m.b[s] @ (m.a[s] @ x[t])
+            out[t] = (m.a[s] @ x[t]) @ m.bt[s]
     return out

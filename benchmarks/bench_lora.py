@@ -1,0 +1,167 @@
+"""Multi-LoRA benchmarks on the embedded SmolLM2 (CPU, fp32), in one run:
+
+(a) LoRA tax: `--requests` concurrent requests spread round-robin over k distinct r=16 adapters
+    on all 7 projections vs the same requests on the base model, same engine, for each k, run
+    alternately. Beside each ratio, the physical floor: every decode step must read the weights
+    of each distinct adapter it uses once, so LoRA's extra step time is at least
+    (distinct adapters per step x adapter bytes) / memory read bandwidth (measured now).
+(c) cold adapter load time (disk -> validated CPU copy) p50/p99;
+(d) memory: process RSS with 100 adapters loaded minus without, vs the sum of adapter sizes.
+
+    python benchmarks/bench_lora.py [--quick] [--ks 1,8,32,128] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import measure_mem_bandwidth
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_lora.json"
+PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+        "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_adapter(out: Path, cfg, rank: int, seed: int) -> Path:
+    """A PEFT-format folder (the layout and config PEFT writes) with random A and B."""
+    from loraplex.lora.adapter import projection_shape
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for proj, part in PROJ.items():
+            fin, fout = projection_shape(cfg, proj)
+            key = f"base_model.model.model.layers.{layer}.{part}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(PROJ), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "use_dora": False}))
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_once(llm, prompts, names, new_tokens: int) -> float:
+    from loraplex import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], sp, lora=names)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ks", default="1,8,32,128")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-loras", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ks, args.requests, args.new_tokens, args.repeats = "1,4", 8, 8, 1
+    ks = [int(k) for k in args.ks.split(",")]
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    from loraplex import LLM
+    from loraplex.model.gguf_convert import converted_folder, embedded_gguf_path
+
+    folder = converted_folder(embedded_gguf_path())
+    bw = measure_mem_bandwidth(256 if args.quick else 768, kind="read")
+    rss0 = rss_bytes()
+    llm = LLM(str(folder), dtype="float32", enable_lora=True, max_loras=args.max_loras,
+              max_lora_rank=args.rank, max_num_seqs=max(64, args.requests))
+    rss_engine = rss_bytes()
+    cfg = llm.engine.model_config
+    n_adapters = max(max(ks), 100 if not args.quick else 4)
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    paths = [write_adapter(tmp / f"a{i}", cfg, args.rank, i) for i in range(n_adapters)]
+
+    # (c) cold load + (d) memory: load every adapter from disk
+    load_s = []
+    for i, p in enumerate(paths):
+        t = time.perf_counter()
+        ad = llm.add_lora(f"a{i}", str(p))
+        load_s.append(time.perf_counter() - t)
+    adapter_bytes = ad.nbytes
+    n_mem = min(100, n_adapters)
+    rss_loaded = rss_bytes()
+    load_s.sort()
+    cold = {"p50_ms": 1e3 * load_s[len(load_s) // 2],
+            "p99_ms": 1e3 * load_s[min(len(load_s) - 1, int(0.99 * len(load_s)))],
+            "n": len(load_s)}
+    mem = {"adapters": n_adapters, "rss_delta_mb": (rss_loaded - rss_engine) / 1e6,
+           "sum_adapter_mb": n_adapters * adapter_bytes / 1e6,
+           "device_slots_mb": (rss_engine - rss0) / 1e6}
+    print(f"adapter: r={args.rank} on all 7 projections x {cfg.num_layers} layers = "
+          f"{adapter_bytes / 1e6:.1f} MB fp32; read bandwidth {bw:.1f} GB/s")
+    print(f"(c) cold load from disk, {cold['n']} adapters: p50 {cold['p50_ms']:.1f} ms, "
+          f"p99 {cold['p99_ms']:.1f} ms")
+    print(f"(d) memory: RSS +{mem['rss_delta_mb']:.0f} MB with {n_adapters} adapters loaded vs "
+          f"their total size {mem['sum_adapter_mb']:.0f} MB (n_mem={n_mem})")
+
+    tok = llm.engine.tokenizer
+    text = ("The quick brown fox jumps over the lazy dog while the river keeps flowing. " * 40)
+    ids = tok.encode(text, add_special_tokens=False)
+    prompts = [ids[i:i + args.prompt_len] for i in range(args.requests)]
+    warm = run_once(llm, prompts[:4], None, 4)
+    del warm
+    steps = args.new_tokens  # decode steps carry the requests' tokens
+    rows = []
+    for k in ks:
+        names = [f"a{i % k}" for i in range(args.requests)]
+        run_once(llm, prompts[:min(len(prompts), 2 * k)], names[:min(len(prompts), 2 * k)], 2)
+        base_t, lora_t = [], []
+        for rep in range(args.repeats):
+            order = [(None, base_t), (names, lora_t)]
+            for nm, acc in (order if rep % 2 == 0 else order[::-1]):
+                acc.append(run_once(llm, prompts, nm, args.new_tokens))
+        tb, tl = min(base_t), min(lora_t)
+        distinct_per_step = min(k, args.max_loras, args.requests)
+        floor_step = distinct_per_step * adapter_bytes / (bw * 1e9)
+        extra_step = (tl - tb) / steps
+        row = {"k": k, "base_s": tb, "lora_s": tl, "throughput_ratio": tb / tl,
+               "distinct_adapters_per_step": distinct_per_step,
+               "floor_extra_ms_per_step": 1e3 * floor_step,
+               "extra_ms_per_step": 1e3 * extra_step,
+               "extra_over_floor": extra_step / floor_step if floor_step else None,
+               "floor_ratio": (tb / steps) / (tb / steps + floor_step)}
+        rows.append(row)
+        print(f"(a) k={k:4d}: base {tb:6.2f}s  lora {tl:6.2f}s  -> {row['throughput_ratio']:.3f}x "
+              f"base throughput | LoRA extra {row['extra_ms_per_step']:6.1f} ms/step vs floor "
+              f"{row['floor_extra_ms_per_step']:5.1f} ms/step ({distinct_per_step} adapters x "
+              f"{adapter_bytes / 1e6:.1f} MB / {bw:.0f} GB/s) = "
+              f"{row['extra_over_floor']:.1f}x floor; best possible ratio "
+              f"{row['floor_ratio']:.3f}x", flush=True)
+    out = {"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes, "cold_load": cold,
+           "memory": mem, "tax": rows, "config": vars(args) | {"out": str(args.out)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"saved {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
