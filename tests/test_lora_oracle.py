@@ -91,18 +91,20 @@ def test_batched_op_equals_reference(use_kernel):
     from loraplex.kernels import kernels
 
     torch.manual_seed(0)
-    m = LoRASlots(32, [16, 8, 8], num_slots=4, max_rank=8, device=torch.device("cpu"),
-                  dtype=torch.float32)
+    sizes = [64, 40, 32]  # 40: a shard that is not a whole number of 32-column blocks
+    m = LoRASlots(32, sizes, num_slots=4, max_rank=8, device=torch.device("cpu"),
+                  dtype=torch.float32, packed=use_kernel)
     for slot, r in [(0, 2), (1, 8), (2, 5)]:
-        for shard, out in enumerate([16, 8, 8]):
+        for shard, out in enumerate(sizes):
             m.write(slot, shard, torch.randn(r, 32), torch.randn(out, r), 0.5 + slot)
     slots = [1, -1, 0, 0, 2, 1, -1, 2, 2, 0]
     x = torch.randn(len(slots), 32)
     batch = LoRABatch.build(slots, torch.device("cpu"),
                             kernels().lora_delta_ if use_kernel else None)
-    got = batch.apply(m, x, torch.zeros(len(slots), 32))
+    got = batch.apply(m, x, torch.zeros(len(slots), sum(sizes)))
     want = reference_delta(m, x, torch.tensor(slots))
-    assert torch.allclose(got, want, atol=1e-5)
+    # deltas here are up to ~100 in size: fp32 rounding of the sums is ~1e-5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert got[1].abs().sum() == 0 and got[6].abs().sum() == 0  # base rows untouched
 
 

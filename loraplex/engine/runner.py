@@ -32,14 +32,13 @@ class ModelRunner:
         self.lora_enabled = lora_enabled
         self.decode_kernel = None
         self.lora_kernel = None  # C++ segmented LoRA delta (CPU fp32), else the torch path
-        if use_kernels and device.type == "cpu" and dtype == torch.float32:
-            from loraplex.kernels import kernels
+        from loraplex.kernels import kernels_for
 
-            ops = kernels()
-            if ops is not None:
-                self.decode_kernel = ops.paged_decode_attention
-                self.lora_kernel = ops.lora_delta_
-                model.use_cpu_kernels(ops)
+        ops = kernels_for(device, dtype, use_kernels)
+        if ops is not None:
+            self.decode_kernel = ops.paged_decode_attention
+            self.lora_kernel = ops.lora_delta_
+            model.use_cpu_kernels(ops)
         # Test hook: called with (sampled rows, their fp32 logits) before sampling.
         self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
         shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)

@@ -46,3 +46,12 @@ def kernels():
             _failed = True
             log.warning("C++ paged attention unavailable (%s); using the torch path", e)
     return _module
+
+
+def kernels_for(device, dtype, enabled: bool = True):
+    """The C++ ops if this engine should use them (CPU, float32, not disabled), else None."""
+    import torch
+
+    if not enabled or device.type != "cpu" or dtype != torch.float32:
+        return None
+    return kernels()

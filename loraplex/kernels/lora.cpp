@@ -2,7 +2,8 @@
 // adapter group, in one call per projection and step (no per-row or per-adapter launches).
 //
 // Layout (see loraplex/lora/ops.py): a [S, nsh*R, in] (shard j's A in rows j*R .. j*R+r_j),
-// bt [S, nsh*R, out] (shard j's scaled B transposed, non-zero only in its output columns),
+// bp [S, NB, R, 32] (scaled B^T in blocks of 32 output columns; shard j's blocks start at the
+// block of its first column, every shard size being a multiple of 32 or padded),
 // ranks [S, nsh] (r_j of the adapter in each slot; 0 = shard not adapted). Only the real rank
 // is computed, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
 // (tokens[offsets[g]:offsets[g+1]] use slots[g]); work items are (group, chunk of <= 8 tokens),
@@ -56,30 +57,101 @@ inline void axpy_f(float* y, float w, const float* x, int64_t n) {
 #endif
 }
 
+// z[t][i] = A[i] . x[tok[t]] for i < r, t < n. Four A rows at a time share each x load and one
+// horizontal reduction; the rows stay in L1 while the item's tokens pass over them.
+inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in, const float* x,
+                   const int64_t* tok, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (in % 8 == 0) {
+    for (; i + 4 <= r; i += 4) {
+      const float* a0 = A + i * in;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* xt = x + tok[t] * in;
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        for (int64_t k = 0; k < in; k += 8) {
+          const __m256 xv = _mm256_loadu_ps(xt + k);
+          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
+          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + in + k), xv, c1);
+          c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + 2 * in + k), xv, c2);
+          c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + 3 * in + k), xv, c3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(c0, c1), _mm256_hadd_ps(c2, c3));
+        _mm_storeu_ps(z + t * ldz + i,
+                      _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+      }
+    }
+  }
+#endif
+  for (; i < r; ++i)
+    for (int64_t t = 0; t < n; ++t) z[t * ldz + i] = dot_f(A + i * in, x + tok[t] * in, in);
+}
+
+// y[tok[t], o0 + 32c : +32] += sum_i z[t][i] * Bp[c][i][:] over the shard's column blocks c.
+// Bp is the shard's scaled B^T packed as [blocks, R, 32]: each block is one contiguous run, so
+// the loads stream (a [r, out] row-major B^T would stride by `out` floats per rank row).
+inline void expand(float* y, int64_t ldy, int64_t o0, int64_t on, const float* Bp, int64_t R,
+                   int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n) {
+  const int64_t nblk = (on + 31) / 32;
+  for (int64_t c = 0; c < nblk; ++c) {
+    const float* b = Bp + c * R * 32;
+    const int64_t w = std::min<int64_t>(32, on - c * 32);
+    for (int64_t t = 0; t < n; ++t) {
+      float* yt = y + tok[t] * ldy + o0 + c * 32;
+      const float* zt = z + t * ldz;
+#if defined(__AVX2__) && defined(__FMA__)
+      if (w == 32) {
+        __m256 a0 = _mm256_loadu_ps(yt), a1 = _mm256_loadu_ps(yt + 8);
+        __m256 a2 = _mm256_loadu_ps(yt + 16), a3 = _mm256_loadu_ps(yt + 24);
+        for (int64_t i = 0; i < r; ++i) {
+          const __m256 wv = _mm256_set1_ps(zt[i]);
+          const float* bi = b + i * 32;
+          a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi), a0);
+          a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 8), a1);
+          a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 16), a2);
+          a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 24), a3);
+        }
+        _mm256_storeu_ps(yt, a0);
+        _mm256_storeu_ps(yt + 8, a1);
+        _mm256_storeu_ps(yt + 16, a2);
+        _mm256_storeu_ps(yt + 24, a3);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < r; ++i) axpy_f(yt, zt[i], b + i * 32, w);
+    }
+  }
+}
+
 }  // namespace
 
-void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bt, at::Tensor ranks,
+void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bp, at::Tensor ranks,
                  at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets,
                  at::Tensor slots) {
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-                  a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat,
+                  a.scalar_type() == at::kFloat && bp.scalar_type() == at::kFloat,
               "lora_delta_: float32 only");
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bt.is_contiguous());
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bp.is_contiguous());
   const int64_t in = x.size(1), out = y.size(1), nsh = ranks.size(1);
   const int64_t R = a.size(1) / nsh;
-  TORCH_CHECK(a.size(2) == in && bt.size(2) == out && bt.size(1) == a.size(1));
+  TORCH_CHECK(a.size(2) == in && bp.size(2) == R && bp.size(3) == 32);
+  const int64_t NB = bp.size(1);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
+  const float* bpp = bp.data_ptr<float>();
   const int64_t* rk = ranks.data_ptr<int64_t>();
   const int64_t* ss = shard_sizes.data_ptr<int64_t>();
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const int64_t* of = offsets.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t G = slots.size(0);
-  std::vector<int64_t> shard_off(nsh + 1, 0);
-  for (int64_t j = 0; j < nsh; ++j) shard_off[j + 1] = shard_off[j] + ss[j];
+  std::vector<int64_t> shard_off(nsh + 1, 0), blk_off(nsh + 1, 0);
+  for (int64_t j = 0; j < nsh; ++j) {
+    shard_off[j + 1] = shard_off[j] + ss[j];
+    blk_off[j + 1] = blk_off[j] + (ss[j] + 31) / 32;
+  }
+  TORCH_CHECK(blk_off[nsh] == NB, "lora_delta_: packed B has the wrong number of blocks");
   // work items: (group, first token index in `tokens`)
   std::vector<std::pair<int64_t, int64_t>> items;
   for (int64_t g = 0; g < G; ++g)
@@ -95,25 +167,16 @@ void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bt, at::Te
         const int64_t r = rk[s * nsh + j];
         if (r == 0) continue;
         const float* A = ap + (s * nsh * R + j * R) * in;   // [r, in]
-        const float* Bt = bp + (s * nsh * R + j * R) * out;  // [r, out]
-        for (int64_t t = t0; t < t1; ++t) {
-          const float* xt = xp + tk[t] * in;
-          float* z = xa.data() + (t - t0) * R;
-          for (int64_t i = 0; i < r; ++i) z[i] = dot_f(A + i * in, xt, in);
-        }
-        const int64_t o0 = shard_off[j], on = ss[j];
-        for (int64_t t = t0; t < t1; ++t) {
-          float* yt = yp + tk[t] * out + o0;
-          const float* z = xa.data() + (t - t0) * R;
-          for (int64_t i = 0; i < r; ++i) axpy_f(yt, z[i], Bt + i * out + o0, on);
-        }
+        const float* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
+        shrink(xa.data(), R, A, r, in, xp, tk + t0, t1 - t0);
+        expand(yp, out, shard_off[j], ss[j], Bp, R, r, xa.data(), R, tk + t0, t1 - t0);
       }
     }
   });
 }
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
-  m.def("lora_delta_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor ranks, "
+  m.def("lora_delta_(Tensor(a!) y, Tensor x, Tensor a, Tensor bp, Tensor ranks, "
         "Tensor shard_sizes, Tensor tokens, Tensor offsets, Tensor slots) -> ()");
 }
 

@@ -2,8 +2,10 @@
 
 Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) owns a `LoRASlots`:
   a:     [num_slots, n_shards * R, in]   the shards' A matrices stacked along the rank axis;
-  bt:    [num_slots, n_shards * R, out]  each shard's B transposed, scale folded in, placed in
-                                         that shard's output columns (zeros elsewhere);
+  bt:    [num_slots, n_shards * R, out]  (torch path) each shard's B transposed, scale folded
+                                         in, placed in that shard's output columns;
+  bp:    [num_slots, NB, R, 32]          (C++ path) the same B^T packed in blocks of 32 output
+                                         columns, so the kernel streams it contiguously;
   ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
@@ -26,7 +28,7 @@ from loraplex.model.context import get_context
 
 class LoRASlots(nn.Module):
     def __init__(self, in_features: int, output_sizes: list[int], num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, packed: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
@@ -34,24 +36,50 @@ class LoRASlots(nn.Module):
         self.rank = max_rank
         n = len(output_sizes)
         self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype)
-        self.bt = torch.zeros(num_slots, n * max_rank, self.out_features, device=device,
-                              dtype=dtype)
+        self.blocks = [-(-o // 32) for o in output_sizes]  # 32-column blocks per shard
+        self.bt: torch.Tensor | None = None
+        self.bp: torch.Tensor | None = None
+        if packed:
+            self.bp = torch.zeros(num_slots, sum(self.blocks), max_rank, 32, device=device,
+                                  dtype=dtype)
+        else:
+            self.bt = torch.zeros(num_slots, n * max_rank, self.out_features, device=device,
+                                  dtype=dtype)
         self.ranks = torch.zeros(num_slots, n, dtype=torch.long)
         self.shard_sizes = torch.tensor(self.output_sizes, dtype=torch.long)
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.bt[slot].zero_()
+        (self.bp if self.bp is not None else self.bt)[slot].zero_()
         self.ranks[slot].zero_()
 
     def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor, scale: float
               ) -> None:
         r, big_r = a.shape[0], self.rank
-        off = sum(self.output_sizes[:shard])
         rows = slice(shard * big_r, shard * big_r + r)
         self.a[slot, rows].copy_(a)
-        self.bt[slot, rows, off:off + b.shape[0]].copy_(b.t() * scale)
+        bt = b.t() * scale  # [r, out_j]
+        if self.bp is not None:
+            nb, b0 = self.blocks[shard], sum(self.blocks[:shard])
+            padded = bt.new_zeros(r, nb * 32)
+            padded[:, :bt.shape[1]] = bt
+            self.bp[slot, b0:b0 + nb, :r].copy_(padded.view(r, nb, 32).transpose(0, 1))
+        else:
+            off = sum(self.output_sizes[:shard])
+            self.bt[slot, rows, off:off + bt.shape[1]].copy_(bt)
         self.ranks[slot, shard] = r
+
+    def dense_bt(self, slot: int) -> torch.Tensor:
+        """[n_shards * R, out] B^T of a slot, whichever layout holds it (reference and tests)."""
+        if self.bt is not None:
+            return self.bt[slot]
+        big_r = self.rank
+        out = self.a.new_zeros(len(self.output_sizes) * big_r, self.out_features)
+        for j, (nb, size) in enumerate(zip(self.blocks, self.output_sizes)):
+            b0, off = sum(self.blocks[:j]), sum(self.output_sizes[:j])
+            blk = self.bp[slot, b0:b0 + nb].transpose(0, 1).reshape(big_r, nb * 32)
+            out[j * big_r:(j + 1) * big_r, off:off + size] = blk[:, :size]
+        return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_context().lora
@@ -109,7 +137,7 @@ class LoRABatch:
 
     def apply(self, m: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            self.kernel(y, x.contiguous(), m.a, m.bt, m.ranks, m.shard_sizes, self.tokens,
+            self.kernel(y, x.contiguous(), m.a, m.bp, m.ranks, m.shard_sizes, self.tokens,
                         self.offsets, self.slots)
             return y
         xz = torch.cat((x, x.new_zeros(1, x.shape[1])))  # row T = zeros for padding
@@ -126,5 +154,5 @@ def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) ->
     for t in range(x.shape[0]):
         s = int(token_slots[t])
         if s >= 0:
-            out[t] = (m.a[s] @ x[t]) @ m.bt[s]
+            out[t] = (m.a[s] @ x[t]) @ m.dense_bt(s)
     return out
