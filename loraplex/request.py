@@ -42,7 +42,6 @@ class Sequence:
         "num_preemptions",
         "num_prompt_tokens",
         "params",
-        "priority",
         "prompt_token_ids",
         "request_id",
         "seed",
@@ -75,7 +74,6 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.detok: IncrementalDetokenizer | None = None
         self.text = ""
-        self.priority = 0
         # LoRA: (name, version) pinned for the sequence's whole life; device slot while RUNNING.
         self.adapter: tuple[str, str] | None = None
         self.adapter_slot = -1

@@ -32,9 +32,6 @@ class BlockManager:
         """Extra blocks `seq` needs so that its table covers `num_tokens` tokens."""
         return max(0, cdiv(num_tokens, self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s table to cover `num_tokens` tokens; all or nothing."""
         need = self.blocks_needed(seq, num_tokens)

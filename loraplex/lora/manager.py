@@ -155,9 +155,6 @@ class LoRAManager:
         return key in self._slot_of or bool(self._free_slots) or any(
             self._running[k] == 0 for k in self._slot_of)
 
-    def is_resident(self, key: AdapterKey) -> bool:
-        return key in self._slot_of
-
     @property
     def num_pinned(self) -> int:
         return sum(self._users.values())
