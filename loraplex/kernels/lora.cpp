@@ -66,7 +66,34 @@ inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in,
   if (in % 8 == 0) {
     for (; i + 4 <= r; i += 4) {
       const float* a0 = A + i * in;
-      for (int64_t t = 0; t < n; ++t) {
+      int64_t t = 0;
+      for (; t + 2 <= n; t += 2) {  // two tokens x four rows: each A load feeds two FMAs
+        const float* xa = x + tok[t] * in;
+        const float* xb = x + tok[t + 1] * in;
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        __m256 d0 = c0, d1 = c0, d2 = c0, d3 = c0;
+        for (int64_t k = 0; k < in; k += 8) {
+          const __m256 u = _mm256_loadu_ps(xa + k), v = _mm256_loadu_ps(xb + k);
+          const __m256 r0 = _mm256_loadu_ps(a0 + k), r1 = _mm256_loadu_ps(a0 + in + k);
+          const __m256 r2 = _mm256_loadu_ps(a0 + 2 * in + k);
+          const __m256 r3 = _mm256_loadu_ps(a0 + 3 * in + k);
+          c0 = _mm256_fmadd_ps(r0, u, c0);
+          c1 = _mm256_fmadd_ps(r1, u, c1);
+          c2 = _mm256_fmadd_ps(r2, u, c2);
+          c3 = _mm256_fmadd_ps(r3, u, c3);
+          d0 = _mm256_fmadd_ps(r0, v, d0);
+          d1 = _mm256_fmadd_ps(r1, v, d1);
+          d2 = _mm256_fmadd_ps(r2, v, d2);
+          d3 = _mm256_fmadd_ps(r3, v, d3);
+        }
+        const __m256 hc = _mm256_hadd_ps(_mm256_hadd_ps(c0, c1), _mm256_hadd_ps(c2, c3));
+        const __m256 hd = _mm256_hadd_ps(_mm256_hadd_ps(d0, d1), _mm256_hadd_ps(d2, d3));
+        _mm_storeu_ps(z + t * ldz + i,
+                      _mm_add_ps(_mm256_castps256_ps128(hc), _mm256_extractf128_ps(hc, 1)));
+        _mm_storeu_ps(z + (t + 1) * ldz + i,
+                      _mm_add_ps(_mm256_castps256_ps128(hd), _mm256_extractf128_ps(hd, 1)));
+      }
+      for (; t < n; ++t) {
         const float* xt = x + tok[t] * in;
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
         for (int64_t k = 0; k < in; k += 8) {
