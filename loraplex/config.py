@@ -241,6 +241,7 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     allow_pickle_adapters: bool = False
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)

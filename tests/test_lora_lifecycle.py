@@ -142,3 +142,38 @@ def test_fairness_with_more_adapters_than_slots(setup, max_bypass, bounded):
     while eng.has_unfinished_requests:
         eng.step()
     assert eng.lora.num_pinned == 0
+
+
+def test_cpu_tier_keeps_at_most_max_cpu_loras_and_reloads(setup):
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=2, max_cpu_loras=3,
+              max_lora_rank=8)
+    eng = llm.engine
+    for n, p in paths.items():  # 6 adapters registered, 3 CPU copies allowed
+        llm.add_lora(n, str(p))
+    assert len(llm.list_loras()) == 6 and eng.lora.num_cpu_copies == 3
+    assert eng.lora.stats["cpu_evictions"] == 3
+    names = [f"a{i % 6}" for i in range(12)]
+    prompts = _prompts(12, 6)
+    rids = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora=n)
+            for p, n in zip(prompts, names)]
+    # a0-a2 come back from disk, each pushing out an idle copy (a3-a5), which then come back
+    # too; the second round finds all six pinned, and pinned copies are never dropped
+    assert eng.lora.stats["cpu_misses"] == 6 and eng.lora.stats["cpu_hits"] == 6
+    assert eng.lora.num_cpu_copies == 6
+    got = _run(eng, rids)
+    for n in set(names):
+        idx = [i for i, m in enumerate(names) if m == n]
+        assert [got[i] for i in idx] == _reference(base, paths[n], [prompts[i] for i in idx])
+    # once idle, the next use trims the tier back to the limit
+    eng.add_request(None, GREEDY, prompt_token_ids=[5, 6, 7], lora="a0")
+    _run(eng, [])
+    assert eng.lora.num_cpu_copies == 3 and eng.lora.num_pinned == 0
+
+
+def test_max_cpu_loras_below_max_loras_is_refused(setup):
+    from loraplex.config import ConfigError
+
+    base, _ = setup
+    with pytest.raises(ConfigError, match="max_cpu_loras"):
+        LLM(str(base), max_model_len=128, enable_lora=True, max_loras=4, max_cpu_loras=2)

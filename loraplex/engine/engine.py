@@ -95,9 +95,10 @@ class Engine:
             from loraplex.kernels import kernels_for
 
             packed = kernels_for(self.device, self.dtype, cfg.use_kernels) is not None
-            self.lora = LoRAManager(self.model, m, LoRAConfig(cfg.max_loras, cfg.max_lora_rank,
-                                                              cfg.allow_pickle_adapters),
-                                    self.device, self.dtype, packed=packed)
+            lora_cfg = LoRAConfig(cfg.max_loras, cfg.max_lora_rank, cfg.allow_pickle_adapters,
+                                  cfg.max_cpu_loras)
+            self.lora = LoRAManager(self.model, m, lora_cfg, self.device, self.dtype,
+                                    packed=packed)
         self.block_manager = BlockManager(self.num_blocks, c.block_size)
         self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids,
                                    self.lora)

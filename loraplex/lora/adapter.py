@@ -63,17 +63,11 @@ class LoRAAdapter:
     name: str
     path: str
     version: str  # content hash of config + weights: a changed folder is a new version
-    modules: dict[tuple[int, str], LoRAModule]
+    # The CPU copy; None while evicted from the CPU tier (reloaded from `path` on next use).
+    modules: dict[tuple[int, str], LoRAModule] | None
     base_model_name_or_path: str | None
-
-    @property
-    def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
-                   for m in self.modules.values())
+    nbytes: int = 0  # size of A and B weights in `dtype`
+    max_rank: int = 0
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -191,8 +185,11 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
             raise LoRAError(f"{where}: the adapter has NaN or infinite weights")
     finally:
         hasher.join()
+    nbytes = sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+                 for m in modules.values())
     return LoRAAdapter(name, str(folder), digest.hexdigest()[:16], modules,
-                       cfg.get("base_model_name_or_path"))
+                       cfg.get("base_model_name_or_path"), nbytes,
+                       max(m.rank for m in modules.values()))
 
 
 def _validate(where: str, cfg: dict, tensors: dict[str, torch.Tensor], base: ModelConfig,

@@ -1,12 +1,14 @@
 """Adapters at run time: the registry (name -> current version), the CPU copies, and the
 device slots that one step's rows index.
 
-Tiers: disk (the PEFT folder, read and validated once by `add_lora`) -> CPU (`LoRAAdapter`
-tensors, kept while registered or still in use) -> device slots (`max_loras` of them, shared by
-every projection's `LoRASlots`). Invariants:
+Tiers: disk (the PEFT folder, read and validated by `add_lora`) -> CPU (`LoRAAdapter.modules`,
+at most `max_cpu_loras` of them, least recently used dropped first and reloaded from disk on
+next use) -> device slots (`max_loras` of them, shared by every projection's `LoRASlots`).
+Invariants:
   * a version is pinned (`_users`) from the moment a request is admitted to the engine until it
-    finishes or aborts: its CPU copy is never dropped while pinned, even after `remove_lora` or
-    a re-add of the same name with new weights (in-flight requests finish on their version);
+    finishes or aborts: its CPU copy is never dropped while pinned (not by the CPU LRU, not by
+    `remove_lora`, not by a re-add of the same name: in-flight requests finish on their
+    version), so a pinned version can always be put into a device slot;
   * a device slot holds one version; it is reassigned only when no RUNNING sequence uses it
     (`_running`), least recently used first. So a step never has more than `max_loras`
     distinct adapters, and a running sequence's slot never changes under it.
@@ -37,10 +39,14 @@ class LoRAConfig:
     max_loras: int = 4  # distinct adapters per step (device slots)
     max_lora_rank: int = 16
     allow_pickle: bool = False
+    max_cpu_loras: int | None = None  # CPU copies kept; None = every registered adapter
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ConfigError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                              f"({self.max_loras})")
         if not 1 <= self.max_lora_rank <= 512:
             raise ConfigError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
 
@@ -66,23 +72,49 @@ class LoRAManager:
         self._running: Counter[AdapterKey] = Counter()  # RUNNING sequences per version
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
         self._free_slots = list(range(cfg.max_loras))
+        self._cpu_lru: OrderedDict[AdapterKey, None] = OrderedDict()  # CPU copies, oldest first
         self.stats = Counter()
         self.load_seconds: list[float] = []
 
     # ---- registry ---------------------------------------------------------------------------
     def add_lora(self, name: str, path: str | Path) -> LoRAAdapter:
         """Load and validate from disk; replaces the current version of `name` for new requests."""
+        ad = self._load(name, path)
+        old = self._current.get(name)
+        self._current[name] = ad
+        self._versions[(name, ad.version)] = ad
+        self._cpu_touch((name, ad.version))
+        if old is not None and old.version != ad.version:
+            self._maybe_drop((name, old.version))
+        return ad
+
+    def _load(self, name: str, path: str | Path) -> LoRAAdapter:
         t0 = time.perf_counter()
         ad = load_adapter(name, path, self.base, self.cfg.max_lora_rank, self.dtype,
                           self.cfg.allow_pickle)
         self.load_seconds.append(time.perf_counter() - t0)
         self.stats["loads"] += 1
-        old = self._current.get(name)
-        self._current[name] = ad
-        self._versions[(name, ad.version)] = ad
-        if old is not None and old.version != ad.version:
-            self._maybe_drop((name, old.version))
         return ad
+
+    def _cpu_touch(self, key: AdapterKey) -> None:
+        """Mark `key`'s CPU copy most recently used; drop the oldest unpinned copies beyond
+        max_cpu_loras (pinned ones stay, so the tier may exceed the limit while all are used)."""
+        self._cpu_lru[key] = None
+        self._cpu_lru.move_to_end(key)
+        limit = self.cfg.max_cpu_loras
+        if limit is None:
+            return
+        for k in list(self._cpu_lru):
+            if len(self._cpu_lru) <= limit:
+                break
+            if self._users[k] == 0 and k != key:
+                del self._cpu_lru[k]
+                self._versions[k].modules = None
+                self.stats["cpu_evictions"] += 1
+
+    @property
+    def num_cpu_copies(self) -> int:
+        return len(self._cpu_lru)
 
     def remove_lora(self, name: str) -> bool:
         """Unregister `name`: new requests are refused; in-flight ones finish on their version."""
@@ -103,6 +135,7 @@ class LoRAManager:
                 self._current[key[0]].version == key[1]):
             return
         self._versions.pop(key, None)
+        self._cpu_lru.pop(key, None)
         slot = self._slot_of.pop(key, None)
         if slot is not None:
             self._clear_slot(slot)
@@ -113,8 +146,23 @@ class LoRAManager:
         ad = self._current.get(name)
         if ad is None:
             raise LoRAError(f"adapter {name!r} is not loaded")
+        if ad.modules is None:  # evicted from the CPU tier: back from disk
+            self.stats["cpu_misses"] += 1
+            fresh = self._load(name, ad.path)
+            if fresh.version != ad.version:
+                log.warning("adapter %r changed on disk since it was added; serving the new "
+                            "version %s", name, fresh.version)
+                self._current[name] = fresh
+                self._versions[(name, fresh.version)] = fresh
+                self._maybe_drop((name, ad.version))
+                ad = fresh
+            else:
+                ad.modules = fresh.modules
+        else:
+            self.stats["cpu_hits"] += 1
         key = (name, ad.version)
         self._users[key] += 1
+        self._cpu_touch(key)
         return key
 
     def unpin(self, key: AdapterKey) -> None:
