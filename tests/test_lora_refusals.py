@@ -71,6 +71,17 @@ def _stray(sd):
     sd["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight.unused"] = torch.zeros(1)
 
 
+def _huge_declared(d):
+    """A header that declares a 40 GB tensor over a few bytes of data."""
+    import struct
+
+    key = f"{KEY}.lora_A.weight"
+    header = json.dumps({key: {"dtype": "F32", "shape": [100_000, 100_000],
+                               "data_offsets": [0, 40_000_000_000]}}).encode()
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                                  + b"\0" * 64)
+
+
 CASES = {
     "dora": (lambda d: _edit_config(d, use_dora=True), "DoRA"),
     "modules_to_save": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
@@ -91,6 +102,7 @@ CASES = {
     "bad_json": (lambda d: (d / "adapter_config.json").write_text("{nope"), "not valid JSON"),
     "no_weights": (lambda d: (d / "adapter_model.safetensors").unlink(),
                    "no adapter_model.safetensors"),
+    "huge_declared": (_huge_declared, "declares bytes 0..40000000000"),
     "truncated": (lambda d: (d / "adapter_model.safetensors").write_bytes(
         (d / "adapter_model.safetensors").read_bytes()[:300]), "not a valid safetensors"),
 }
