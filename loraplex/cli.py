@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -28,14 +32,107 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU fp32 GEMM backend: onednn (fast, default) or mkl (more accurate)")
 
 
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (vLLM flag names)")
+    g.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve LoRA adapters (default on; --no-enable-lora serves the base only)")
+    g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="adapters to load at start: name=path, or vLLM's JSON form "
+                        '\'{"name": ..., "path": ...}\'')
+    g.add_argument("--max-loras", type=int, default=4,
+                   help="distinct adapters in one batch (device slots)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapter copies kept in CPU memory (LRU; default: all registered)")
+    g.add_argument("--lora-dir", default=None,
+                   help="folder of adapter folders: a request naming an unregistered adapter "
+                        "loads <lora-dir>/<name> on first use")
+    g.add_argument("--allow-pickle-adapters", action="store_true",
+                   help="also read adapter_model.bin (torch.load with weights_only=True)")
+
+
 def engine_config(args: argparse.Namespace):
     from loraplex.config import EngineConfig
 
+    lora = getattr(args, "enable_lora", False)
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory_gb, cpu_gemm=args.cpu_gemm)
+        kv_cache_memory_gb=args.kv_cache_memory_gb, cpu_gemm=args.cpu_gemm,
+        enable_lora=lora, max_loras=getattr(args, "max_loras", 4),
+        max_lora_rank=getattr(args, "max_lora_rank", 16),
+        max_cpu_loras=getattr(args, "max_cpu_loras", None),
+        allow_pickle_adapters=getattr(args, "allow_pickle_adapters", False),
+        served_model_name=(args.served_model_name or [None])[0]
+        if hasattr(args, "served_model_name") else None)
+
+
+def parse_lora_module(spec: Any) -> tuple[str, str]:
+    """`name=path`, vLLM's JSON `{"name": ..., "path": ...}`, or (from YAML) a mapping."""
+    from loraplex.config import ConfigError
+
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise ConfigError(f"--lora-modules {spec!r}: invalid JSON ({e})") from None
+    if isinstance(spec, dict):
+        name, path = spec.get("name"), spec.get("path")
+    elif isinstance(spec, str) and "=" in spec:
+        name, path = spec.split("=", 1)
+    else:
+        raise ConfigError(f"--lora-modules {spec!r}: expected name=path or "
+                          '{"name": ..., "path": ...}')
+    if not name or not path or not isinstance(name, str) or not isinstance(path, str):
+        raise ConfigError(f"--lora-modules {spec!r}: both a name and a path are needed")
+    return name, path
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """`--config file.yaml`: keys are flag names (dashes or underscores); the command line
+    overrides the file."""
+    from loraplex.config import ConfigError
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(known.config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {known.config}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {known.config}: expected a mapping of flag: value")
+    dests = {a.dest: a for a in parser._actions}
+    values = {}
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in dests or dest in ("help", "config"):
+            raise ConfigError(f"--config {known.config}: unknown setting {key!r}")
+        if dests[dest].nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]
+        values[dest] = value
+    parser.set_defaults(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loraplex.server.launch import ServerConfig, serve
+
+    cfg = ServerConfig(
+        engine=engine_config(args), served_model_names=list(args.served_model_name or []),
+        lora_modules=[parse_lora_module(s) for s in args.lora_modules],
+        lora_dir=args.lora_dir,
+        api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY")
+        or os.environ.get("VLLM_API_KEY") or None,
+        enable_runtime_lora=args.enable_runtime_lora,
+        max_queued_requests=args.max_queued_requests, host=args.host, port=args.port,
+        demo_adapters=False if args.no_demo_adapters else None,
+        drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return serve(cfg)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -75,12 +172,42 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None)
-    args = parser.parse_args(argv)
+    s = sub.add_parser("serve", help="OpenAI-compatible multi-LoRA server")
+    s.add_argument("--config", default=None,
+                   help="YAML file of flag: value (command-line flags override it)")
+    add_engine_args(s)
+    add_lora_args(s)
+    g = s.add_argument_group("server")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the base model (default: the model's)")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(also read from LORAPLEX_API_KEY or VLLM_API_KEY)")
+    g.add_argument("--enable-runtime-lora", action="store_true",
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    g.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting beyond the running batch before 429")
+    g.add_argument("--no-demo-adapters", action="store_true",
+                   help="with the embedded model, do not load the bundled demo adapters")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
     from loraplex.config import ConfigError
 
     try:
+        if argv is None:
+            argv = sys.argv[1:]
+        if argv and argv[0] == "serve":
+            apply_config_file(s, argv[1:])
+        args = parser.parse_args(argv)
         if args.cmd == "generate":
             return cmd_generate(args)
+        if args.cmd == "serve":
+            return cmd_serve(args)
     except ConfigError as e:
         print(f"loraplex: error: {e}", file=sys.stderr)
         return 2

@@ -63,11 +63,12 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False,
+             lora: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         return self.generate([{"prompt_token_ids": tok.encode_chat(c)} for c in convs],
-                             sampling_params, use_tqdm)
+                             sampling_params, use_tqdm, lora=lora)
 
     def _prepare(self, prompt: PromptType, params: SamplingParams, lora: str | None):
         if isinstance(prompt, dict):

@@ -2,8 +2,10 @@
 
 The step loop runs in its own thread (torch ops release the GIL), so the asyncio loop of a
 server stays responsive. Requests are validated and tokenized on the caller's side
-(`Engine.prepare` is pure); adds and aborts are handed to the step thread through an inbox and
-applied between steps, so the engine itself is only ever touched by one thread.
+(`Engine.prepare` is pure); adds, aborts and registry changes are handed to the step thread
+through an inbox and applied between steps, so the engine itself is only ever mutated by one
+thread. Disk reads of adapters (a runtime load, or a CPU-tier copy that was dropped) run on a
+worker thread before that hand-off, so a cold adapter never stalls the running batch.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from loraplex.config import EngineConfig
-from loraplex.engine.engine import Engine, PreparedRequest
+from loraplex.engine.engine import Engine, EngineStats, PreparedRequest
+from loraplex.lora.adapter import LoRAAdapter
 from loraplex.request import RequestOutput
 from loraplex.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -33,12 +38,49 @@ class _Stream:
     queue: asyncio.Queue
 
 
+class RequestStream:
+    """The outputs of one submitted request. Closing it (or dropping it) before the request
+    finishes aborts the request, freeing its KV blocks and adapter pin."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self._owner = owner
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._owner.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._cv = threading.Condition()
         self._adds: list[tuple[PreparedRequest, _Stream]] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[Engine], Any], asyncio.Future]] = []
+        self.stats: EngineStats = engine.stats()  # refreshed by the step thread
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._dead: BaseException | None = None
@@ -50,12 +92,11 @@ class AsyncEngine:
         return cls(Engine(cfg))
 
     # ---- caller side ------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                       request_id: str | None = None,
-                       prompt_token_ids: list[int] | None = None,
-                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative RequestOutputs until the request finishes. Closing the iterator (or
-        cancelling the task) before then aborts the request and frees its resources."""
+    def submit(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+               request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+               lora: str | None = None) -> RequestStream:
+        """Validate and enqueue a request now (synchronously: arrival order is call order, and
+        `num_in_flight` counts it at once); iterate the returned stream for its outputs."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         req = self.engine.prepare(prompt, params, request_id, prompt_token_ids, lora)
@@ -68,22 +109,66 @@ class AsyncEngine:
             self._streams[req.request_id] = stream
             self._adds.append((req, stream))
             self._cv.notify()
-        finished = False
+        return RequestStream(self, req.request_id, stream.queue)
+
+    async def prefetch(self, lora: str | None) -> None:
+        """If `lora`'s CPU copy was dropped, read it back on a worker thread now, so admitting
+        the request does not read disk on the step thread."""
+        lm = self.engine.lora
+        if lora is None or lm is None:
+            return
+        stale = lm.needs_reload(lora)
+        if stale is None:
+            return
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            fresh = await asyncio.to_thread(lm.load, stale.name, stale.path)
+        except Exception:  # the step thread retries at pin time and reports the error there
+            log.warning("re-reading adapter %r off the step path failed", lora, exc_info=True)
+            return
+        await self.call(lambda eng: lm.install_copy(fresh))
+
+    async def generate(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                       request_id: str | None = None,
+                       prompt_token_ids: list[int] | None = None,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs until the request finishes. Closing the iterator (or
+        cancelling the task) before then aborts the request and frees its resources."""
+        await self.prefetch(lora)
+        stream = self.submit(prompt, params, request_id, prompt_token_ids, lora)
+        try:
+            async for out in stream:
+                yield out
         finally:
-            if not finished:
-                self.abort(req.request_id)
+            stream.close()
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the step thread between steps; its result or exception is ours."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        fut = asyncio.get_running_loop().create_future()
+        with self._cv:
+            if self._stopping:
+                raise EngineDeadError("engine is shutting down")
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return await fut
+
+    async def add_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Read and validate on a worker thread, then register between steps."""
+        lm = self.engine._lora_manager()
+        ad = await asyncio.to_thread(lm.load, name, path)
+        return await self.call(lambda eng: eng._lora_manager().register(ad))
+
+    async def remove_lora(self, name: str) -> bool:
+        return await self.call(lambda eng: eng.remove_lora(name))
+
+    def list_loras(self) -> list[LoRAAdapter]:
+        return self.engine.list_loras()
 
     def abort(self, request_id: str) -> None:
+        """Thread-safe; the request stops counting as in flight at once."""
         with self._cv:
+            self._streams.pop(request_id, None)
             self._aborts.append(request_id)
             self._cv.notify()
 
@@ -112,13 +197,21 @@ class AsyncEngine:
         eng = self.engine
         while True:
             with self._cv:
-                while not (self._adds or self._aborts or self._stopping
+                while not (self._adds or self._aborts or self._calls or self._stopping
                            or eng.has_unfinished_requests):
                     self._cv.wait()
-                if self._stopping and not eng.has_unfinished_requests and not self._adds:
+                if self._stopping and not (eng.has_unfinished_requests or self._adds
+                                           or self._calls):
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
+            for fn, fut in calls:
+                try:
+                    result, error = fn(eng), None
+                except Exception as e:
+                    result, error = None, e
+                self._resolve(fut, result, error)
             # Adds before aborts: an abort may target a request added in this same round.
             for req, _ in adds:
                 try:
@@ -131,6 +224,7 @@ class AsyncEngine:
                 with self._cv:
                     self._streams.pop(rid, None)
             if not eng.has_unfinished_requests:
+                self.stats = eng.stats()
                 continue
             try:
                 outputs = eng.step()
@@ -142,6 +236,20 @@ class AsyncEngine:
                         eng.abort_request(rid)
                         self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                 continue
+            self.stats = eng.stats()
             with self._cv:
                 for out in outputs:
                     self._deliver(out.request_id, out)
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        def settle() -> None:
+            if fut.cancelled():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+            fut.get_loop().call_soon_threadsafe(settle)

@@ -56,6 +56,25 @@ class PreparedRequest:
     arrival_time: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A consistent snapshot of the engine's load, taken on the step thread for readers on other
+    threads (metrics, admission control)."""
+
+    num_requests: int  # requests in the engine (running or waiting)
+    num_running: int  # sequences running
+    num_waiting: int  # sequences waiting for admission
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_running_requests: int = 0  # requests with a running sequence
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    max_loras: int = 0
+    lora_counters: dict[str, int] = field(default_factory=dict)
+    num_cpu_adapters: int = 0
+    num_pinned: int = 0
+    num_registered_adapters: int = 0
+
+
 @dataclass(slots=True)
 class _RequestState:
     prepared: PreparedRequest
@@ -206,6 +225,21 @@ class Engine:
     @property
     def num_requests(self) -> int:
         return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        sch, lm = self.scheduler, self.lora
+        running_reqs = len({s.request_id for s in sch.running})
+        if lm is None:
+            return EngineStats(len(self._requests), len(sch.running), len(sch.waiting),
+                               self.block_manager.usage, running_reqs)
+        return EngineStats(
+            len(self._requests), len(sch.running), len(sch.waiting), self.block_manager.usage,
+            running_reqs,
+            running_adapters=tuple(sorted({s.adapter[0] for s in sch.running if s.adapter})),
+            waiting_adapters=tuple(sorted({s.adapter[0] for s in sch.waiting if s.adapter})),
+            max_loras=lm.cfg.max_loras, lora_counters=dict(lm.stats),
+            num_cpu_adapters=lm.num_cpu_copies, num_pinned=lm.num_pinned,
+            num_registered_adapters=len(lm.list_loras()))
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

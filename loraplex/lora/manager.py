@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,22 @@ class LoRAManager:
         self._free_slots = list(range(cfg.max_loras))
         self._cpu_lru: OrderedDict[AdapterKey, None] = OrderedDict()  # CPU copies, oldest first
         self.stats = Counter()
-        self.load_seconds: list[float] = []
+        self.load_seconds: deque[float] = deque(maxlen=4096)  # the latest cold loads
+        self.on_load: Callable[[float], None] | None = None  # e.g. a metrics histogram
 
     # ---- registry ---------------------------------------------------------------------------
     def add_lora(self, name: str, path: str | Path) -> LoRAAdapter:
         """Load and validate from disk; replaces the current version of `name` for new requests."""
-        ad = self._load(name, path)
+        return self.register(self.load(name, path))
+
+    def load(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Read and validate an adapter without registering it. Touches no manager state but
+        the counters, so a server runs it on a worker thread, off the step path."""
+        return self._load(name, path)
+
+    def register(self, ad: LoRAAdapter) -> LoRAAdapter:
+        """Make a loaded adapter the current version of its name (step thread only)."""
+        name = ad.name
         old = self._current.get(name)
         self._current[name] = ad
         self._versions[(name, ad.version)] = ad
@@ -94,6 +105,8 @@ class LoRAManager:
                           self.cfg.allow_pickle)
         self.load_seconds.append(time.perf_counter() - t0)
         self.stats["loads"] += 1
+        if self.on_load is not None:
+            self.on_load(self.load_seconds[-1])
         return ad
 
     def _cpu_touch(self, key: AdapterKey) -> None:
@@ -140,6 +153,19 @@ class LoRAManager:
         if slot is not None:
             self._clear_slot(slot)
             self._free_slots.append(slot)
+
+    def needs_reload(self, name: str) -> LoRAAdapter | None:
+        """The current version of `name` if its CPU copy was dropped (a pin would read disk)."""
+        ad = self._current.get(name)
+        return ad if ad is not None and ad.modules is None else None
+
+    def install_copy(self, fresh: LoRAAdapter) -> None:
+        """Give a dropped CPU copy back its weights, read off the step path by the caller. A
+        copy of another version (the name was re-added meanwhile) is ignored."""
+        ad = self._current.get(fresh.name)
+        if ad is not None and ad.modules is None and ad.version == fresh.version:
+            ad.modules = fresh.modules
+            self.stats["cpu_misses"] += 1  # a miss served off the step path
 
     # ---- request lifetime -------------------------------------------------------------------
     def pin(self, name: str) -> AdapterKey:

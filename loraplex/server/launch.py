@@ -1,0 +1,106 @@
+"""`loraplex serve`: build the engine, register the startup adapters, run uvicorn.
+
+SIGTERM / SIGINT: uvicorn stops accepting, waits for open responses (streams included) up to
+`drain_timeout`, then the app's lifespan drains the engine and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraplex.config import ConfigError, EngineConfig
+
+log = logging.getLogger("loraplex.serve")
+
+DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "demo_adapters"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    engine: EngineConfig
+    served_model_names: list[str] = field(default_factory=list)
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)  # (name, path)
+    lora_dir: str | None = None
+    api_key: str | None = None
+    enable_runtime_lora: bool = False
+    max_queued_requests: int = 256
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: the demo adapters are served when the model is the embedded default.
+    demo_adapters: bool | None = None
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests < 1:
+            raise ConfigError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ConfigError(f"--lora-dir {self.lora_dir} is not a folder")
+        names = [n for n, _ in self.lora_modules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"--lora-modules names more than once: {', '.join(sorted(dup))}")
+        clash = set(names) & set(self.served_model_names)
+        if clash:
+            raise ConfigError(f"adapter name(s) {', '.join(sorted(clash))} clash with the "
+                              "served model name")
+
+    def startup_adapters(self) -> list[tuple[str, str]]:
+        demo = self.demo_adapters if self.demo_adapters is not None else self.engine.model is None
+        out = list(self.lora_modules)
+        if demo and DEMO_ADAPTERS.is_dir():
+            taken = {n for n, _ in out}
+            out += [(p.name, str(p)) for p in sorted(DEMO_ADAPTERS.iterdir())
+                    if (p / "adapter_config.json").is_file() and p.name not in taken]
+        return out
+
+
+def build(cfg: ServerConfig):
+    """The engine (with its startup adapters) and the ASGI app."""
+    from loraplex.engine.async_engine import AsyncEngine
+    from loraplex.engine.engine import Engine
+    from loraplex.lora.adapter import LoRAError
+    from loraplex.server.api import AppOptions, build_app
+
+    t0 = time.perf_counter()
+    eng = Engine(cfg.engine)
+    names = cfg.served_model_names or [eng.served_model_name]
+    for name, path in cfg.startup_adapters():
+        if eng.lora is None:
+            raise ConfigError("adapters given but LoRA is disabled")
+        try:
+            eng.add_lora(name, path)
+        except LoRAError as e:
+            raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
+        log.info("adapter %s <- %s", name, path)
+    engine = AsyncEngine(eng)
+    app = build_app(engine, AppOptions(names, cfg.lora_dir, cfg.api_key, cfg.enable_runtime_lora,
+                                       cfg.max_queued_requests))
+    log.info("engine ready in %.1fs: model %s, adapters: %s", time.perf_counter() - t0,
+             names[0], ", ".join(a.name for a in eng.list_loras()) or "none")
+    return engine, app
+
+
+def serve(cfg: ServerConfig) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.host not in LOOPBACK and not cfg.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use "
+                    "the server", cfg.host)
+    _engine, app = build(cfg)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=int(cfg.drain_timeout),
+                            access_log=cfg.log_level == "debug")
+    server = uvicorn.Server(config)
+    log.info("serving on http://%s:%d/v1", cfg.host, cfg.port)
+    server.run()
+    return 0
