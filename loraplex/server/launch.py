@@ -7,6 +7,7 @@ SIGTERM / SIGINT: uvicorn stops accepting, waits for open responses (streams inc
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,16 @@ def serve(cfg: ServerConfig) -> int:
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=int(cfg.drain_timeout),
                             access_log=cfg.log_level == "debug")
-    server = uvicorn.Server(config)
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after its graceful shutdown, so the process
+            # would die "by SIGTERM"; a drained SIGTERM is a clean exit (status 0) here.
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    server = _Server(config)
     log.info("serving on http://%s:%d/v1", cfg.host, cfg.port)
     server.run()
     return 0

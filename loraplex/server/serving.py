@@ -75,12 +75,14 @@ class OpenAIServing:
         e = engine.engine
         self.tokenizer = e.tokenizer
         self.max_model_len = e.sched_config.max_model_len
+        self.max_num_seqs = e.sched_config.max_num_seqs
         self.vocab_size = e.model_config.vocab_size
 
     # ---- shared steps -----------------------------------------------------------------------
     def _admit(self) -> None:
-        """Bounded waiting queue: beyond `max_queued_requests` requests not yet running, 429."""
-        waiting = self.engine.num_in_flight - self.engine.stats.num_running_requests
+        """Bounded queue: a full batch (`max_num_seqs`) plus `max_queued_requests` waiting; beyond
+        that, 429. Counted from requests in flight, so a burst is bounded before it runs."""
+        waiting = self.engine.num_in_flight - self.max_num_seqs
         if waiting >= self.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"The server is at capacity ({waiting} requests waiting); "
