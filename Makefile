@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+serve: install
+	$(BIN)/loraplex serve
+
 generate: install
 	$(BIN)/loraplex generate
-
-serve: generate
 
 test: install
 	$(BIN)/ruff check loraplex tests benchmarks

@@ -5,6 +5,8 @@
     alternately. Beside each ratio, the physical floor: every decode step must read the weights
     of each distinct adapter it uses once, so LoRA's extra step time is at least
     (distinct adapters per step x adapter bytes) / memory read bandwidth (measured now).
+(b) vs transformers + PEFT mixed-adapter batches (`generate(adapter_names=...)`): `--peft-requests`
+    requests over `--peft-adapters` adapters, same prompts, greedy, both fp32, alternated;
 (c) cold adapter load time (disk -> validated CPU copy) p50/p99;
 (d) memory: process RSS with 100 adapters loaded minus without, vs the sum of adapter sizes.
 
@@ -68,6 +70,42 @@ def run_once(llm, prompts, names, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def bench_vs_peft(llm, folder: Path, paths: list[Path], prompts: list[list[int]],
+                  n_adapters: int, new_tokens: int, repeats: int) -> dict:
+    """Tokens/s of loraplex and of transformers + PEFT on the same mixed-adapter batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = [f"a{i % n_adapters}" for i in range(len(prompts))]
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.load_adapter(str(paths[i]), adapter_name=f"a{i}")
+    model.eval()
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    mask = torch.ones_like(ids)
+
+    def run_peft() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + new_tokens
+        return time.perf_counter() - t0
+
+    ours, theirs = [], []
+    for rep in range(repeats):
+        order = [(lambda: run_once(llm, prompts, names, new_tokens), ours), (run_peft, theirs)]
+        for fn, acc in (order if rep % 2 == 0 else order[::-1]):
+            acc.append(fn())
+    n_tok = len(prompts) * new_tokens
+    res = {"requests": len(prompts), "adapters": n_adapters, "new_tokens": new_tokens,
+           "loraplex_tok_s": n_tok / min(ours), "peft_tok_s": n_tok / min(theirs)}
+    res["ratio"] = res["loraplex_tok_s"] / res["peft_tok_s"]
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ks", default="1,8,32,128")
@@ -77,11 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-loras", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--peft-requests", type=int, default=32)
+    ap.add_argument("--peft-adapters", type=int, default=8)
+    ap.add_argument("--skip-peft", action="store_true", help="skip (b), the PEFT baseline")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
         args.ks, args.requests, args.new_tokens, args.repeats = "1,4", 8, 8, 1
+        args.peft_requests, args.peft_adapters = 4, 2
     ks = [int(k) for k in args.ks.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -155,8 +197,22 @@ def main(argv: list[str] | None = None) -> dict:
               f"{adapter_bytes / 1e6:.1f} MB / {bw:.0f} GB/s) = "
               f"{row['extra_over_floor']:.1f}x floor; best possible ratio "
               f"{row['floor_ratio']:.3f}x", flush=True)
+    peft_res = None
+    if not args.skip_peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("(b) skipped: the peft package is not installed")
+        else:
+            peft_res = bench_vs_peft(llm, folder, paths, prompts[:args.peft_requests],
+                                     args.peft_adapters, args.new_tokens, args.repeats)
+            print(f"(b) {peft_res['requests']} requests over {peft_res['adapters']} adapters, "
+                  f"{args.new_tokens} new tokens: loraplex {peft_res['loraplex_tok_s']:.1f} "
+                  f"tok/s vs transformers+PEFT {peft_res['peft_tok_s']:.1f} tok/s = "
+                  f"{peft_res['ratio']:.1f}x", flush=True)
     out = {"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes, "cold_load": cold,
-           "memory": mem, "tax": rows, "config": vars(args) | {"out": str(args.out)}}
+           "memory": mem, "tax": rows, "vs_peft": peft_res,
+           "config": vars(args) | {"out": str(args.out)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"saved {args.out}")
