@@ -25,7 +25,7 @@ generate: install
 	$(BIN)/loraplex generate
 
 test: install
-	$(BIN)/ruff check loraplex tests benchmarks
+	$(BIN)/ruff check loraplex tests benchmarks scripts
 	$(BIN)/python -m pytest -q -ra
 
 bench: install
