@@ -72,7 +72,17 @@ inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in,
         const float* xb = x + tok[t + 1] * in;
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
         __m256 d0 = c0, d1 = c0, d2 = c0, d3 = c0;
+        // First token pair of a row group: pull the next group's rows in (one line per
+        // row per 16 floats) so they stream from DRAM while these FMAs run; the rows are
+        // short (one `in` each), too short for the hardware prefetcher to ramp up.
+        const float* nxt = (t == 0 && i + 8 <= r) ? a0 + 4 * in : nullptr;
         for (int64_t k = 0; k < in; k += 8) {
+          if (nxt != nullptr && (k & 15) == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(nxt + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nxt + in + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nxt + 2 * in + k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nxt + 3 * in + k), _MM_HINT_T0);
+          }
           const __m256 u = _mm256_loadu_ps(xa + k), v = _mm256_loadu_ps(xb + k);
           const __m256 r0 = _mm256_loadu_ps(a0 + k), r1 = _mm256_loadu_ps(a0 + in + k);
           const __m256 r2 = _mm256_loadu_ps(a0 + 2 * in + k);
@@ -123,7 +133,52 @@ inline void expand(float* y, int64_t ldy, int64_t o0, int64_t on, const float* B
   for (int64_t c = 0; c < nblk; ++c) {
     const float* b = Bp + c * R * 32;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
-    for (int64_t t = 0; t < n; ++t) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (c + 1 < nblk)  // the next block's r rows of 32 floats (two lines each)
+      for (int64_t i = 0; i < r; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + R * 32 + i * 32), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + R * 32 + i * 32 + 16), _MM_HINT_T0);
+      }
+#endif
+    int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (w == 32) {
+      // Two tokens per pass: each B load feeds two FMAs (8 accumulators in registers).
+      for (; t + 2 <= n; t += 2) {
+        float* ya = y + tok[t] * ldy + o0 + c * 32;
+        float* yb = y + tok[t + 1] * ldy + o0 + c * 32;
+        const float* za = z + t * ldz;
+        const float* zb = z + (t + 1) * ldz;
+        __m256 a0 = _mm256_loadu_ps(ya), a1 = _mm256_loadu_ps(ya + 8);
+        __m256 a2 = _mm256_loadu_ps(ya + 16), a3 = _mm256_loadu_ps(ya + 24);
+        __m256 e0 = _mm256_loadu_ps(yb), e1 = _mm256_loadu_ps(yb + 8);
+        __m256 e2 = _mm256_loadu_ps(yb + 16), e3 = _mm256_loadu_ps(yb + 24);
+        for (int64_t i = 0; i < r; ++i) {
+          const float* bi = b + i * 32;
+          const __m256 b0 = _mm256_loadu_ps(bi), b1 = _mm256_loadu_ps(bi + 8);
+          const __m256 b2 = _mm256_loadu_ps(bi + 16), b3 = _mm256_loadu_ps(bi + 24);
+          const __m256 wa = _mm256_set1_ps(za[i]), wb = _mm256_set1_ps(zb[i]);
+          a0 = _mm256_fmadd_ps(wa, b0, a0);
+          a1 = _mm256_fmadd_ps(wa, b1, a1);
+          a2 = _mm256_fmadd_ps(wa, b2, a2);
+          a3 = _mm256_fmadd_ps(wa, b3, a3);
+          e0 = _mm256_fmadd_ps(wb, b0, e0);
+          e1 = _mm256_fmadd_ps(wb, b1, e1);
+          e2 = _mm256_fmadd_ps(wb, b2, e2);
+          e3 = _mm256_fmadd_ps(wb, b3, e3);
+        }
+        _mm256_storeu_ps(ya, a0);
+        _mm256_storeu_ps(ya + 8, a1);
+        _mm256_storeu_ps(ya + 16, a2);
+        _mm256_storeu_ps(ya + 24, a3);
+        _mm256_storeu_ps(yb, e0);
+        _mm256_storeu_ps(yb + 8, e1);
+        _mm256_storeu_ps(yb + 16, e2);
+        _mm256_storeu_ps(yb + 24, e3);
+      }
+    }
+#endif
+    for (; t < n; ++t) {
       float* yt = y + tok[t] * ldy + o0 + c * 32;
       const float* zt = z + t * ldz;
 #if defined(__AVX2__) && defined(__FMA__)

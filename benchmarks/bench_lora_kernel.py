@@ -1,0 +1,95 @@
+"""The LoRA delta kernel alone, at SmolLM2's shapes: one decode step's worth of calls (30 layers x
+4 fused projections) for T tokens spread over k adapters, against the bytes floor (each distinct
+adapter's A and B read once per step / memory read bandwidth measured now), plus the fixed cost
+of a call (1 token, rank 1).
+
+    python benchmarks/bench_lora_kernel.py [--tokens 64] [--ks 1,8,32] [--rank 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import measure_mem_bandwidth
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_lora_kernel.json"
+# SmolLM2-135M: hidden 576, 9 heads x 64, 3 kv heads, intermediate 1536, 30 layers
+SHAPES = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])]
+LAYERS = 30
+
+
+def build(slots: int, rank: int):
+    from loraplex.lora.ops import LoRASlots
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for _ in range(LAYERS):
+        for fin, outs in SHAPES:
+            m = LoRASlots(fin, outs, slots + 1, rank, torch.device("cpu"), torch.float32,
+                          packed=True)
+            for s in range(slots):
+                for j, o in enumerate(outs):
+                    m.write(s, j, torch.randn(rank, fin, generator=g),
+                            torch.randn(o, rank, generator=g), 0.5)
+            mods.append(m)
+    return mods
+
+
+def step_time(mods, batch, tokens: int, repeats: int) -> float:
+    xs = {fin: torch.randn(tokens, fin) for fin, _ in SHAPES}
+    ys = {sum(o): torch.zeros(tokens, sum(o)) for _, o in SHAPES}
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for m in mods:
+            batch.apply(m, xs[m.in_features], ys[m.out_features])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ks", default="1,8,32")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from loraplex.kernels import kernels
+    from loraplex.lora.ops import LoRABatch
+
+    ks = [int(k) for k in args.ks.split(",")]
+    kern = kernels().lora_delta_
+    bw = measure_mem_bandwidth(768, kind="read")
+    mods = build(max(ks), args.rank)
+    adapter_bytes = sum((m.a[0].numel() + m.bp[0].numel()) * 4 for m in mods)
+    rows = []
+    one = LoRABatch.build([0], torch.device("cpu"), kern)
+    fixed = step_time(mods, one, 1, args.repeats) / len(mods)
+    print(f"read bandwidth {bw:.1f} GB/s; adapter {adapter_bytes / 1e6:.1f} MB; fixed cost "
+          f"{1e6 * fixed:.1f} us per call x {len(mods)} calls = {1e3 * fixed * len(mods):.2f} "
+          f"ms per step")
+    for k in ks:
+        batch = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"), kern)
+        t = step_time(mods, batch, args.tokens, args.repeats)
+        floor = min(k, args.tokens) * adapter_bytes / (bw * 1e9)
+        rows.append({"k": k, "step_ms": 1e3 * t, "floor_ms": 1e3 * floor, "over_floor": t / floor,
+                     "gbps": min(k, args.tokens) * adapter_bytes / t / 1e9})
+        print(f"k={k:3d}: {1e3 * t:6.2f} ms/step, floor {1e3 * floor:6.2f} ms "
+              f"({t / floor:.2f}x), {rows[-1]['gbps']:.1f} GB/s", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes,
+                                   "fixed_us_per_call": 1e6 * fixed, "rows": rows,
+                                   "config": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
