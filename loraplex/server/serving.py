@@ -243,7 +243,7 @@ class OpenAIServing:
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text, "tool_calls": []},
                 "logprobs": self._chat_logprobs(c, 0, top) if top is not None else None,
-                "finish_reason": _finish(c), "stop_reason": c.stop_reason})
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         n_out = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now(),
                              "model": r.model, "choices": choices,
@@ -255,16 +255,12 @@ class OpenAIServing:
         created, tracker = now(), _Tracker(self.metrics)
         top = (r.top_logprobs or 0) if r.logprobs else None
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
-        sent_text: dict[int, int] = {}
-        sent_tok: dict[int, int] = {}
+        sent = _Sent()
         last: RequestOutput | None = None
 
         def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": r.model, "choices": choices}
-            if include_usage:
-                body["usage"] = usage_
-            return body
+            return _chunk(rid, "chat.completion.chunk", created, r.model, choices,
+                          include_usage, usage_)
 
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -274,20 +270,16 @@ class OpenAIServing:
                 choices = []
                 for c in out.outputs:
                     tracker.observe(c.index, c)
-                    t0, k0 = sent_text.get(c.index, 0), sent_tok.get(c.index, 0)
-                    done = c.finish_reason is not None
-                    if len(c.text) == t0 and len(c.token_ids) == k0 and not done:
+                    step = sent.advance(c.index, c)
+                    if step is None:
                         continue
-                    if done and c.index in sent_text and sent_text[c.index] < 0:
-                        continue  # its final chunk already went out
+                    t0, k0, done = step
                     delta = {"content": c.text[t0:]} if len(c.text) > t0 else {}
                     choices.append({
                         "index": c.index, "delta": delta,
                         "logprobs": self._chat_logprobs(c, k0, top) if top is not None else None,
-                        "finish_reason": _finish(c) if done else None,
+                        "finish_reason": c.finish_reason,
                         **({"stop_reason": c.stop_reason} if done else {})})
-                    sent_text[c.index] = -1 if done else len(c.text)
-                    sent_tok[c.index] = len(c.token_ids)
                 if choices:
                     yield chunk(choices)
             if last is not None:
@@ -348,7 +340,7 @@ class OpenAIServing:
                     "index": i * r.n + c.index, "text": echo + c.text,
                     "logprobs": self._completion_logprobs(c, 0, len(echo))
                     if r.logprobs is not None else None,
-                    "finish_reason": _finish(c), "stop_reason": c.stop_reason})
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(),
                              "model": r.model, "choices": choices,
@@ -397,17 +389,13 @@ class OpenAIServing:
                 await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(streams)]
-        sent_text: dict[int, int] = {}
-        sent_tok: dict[int, int] = {}
+        sent = _Sent()
         finals: dict[int, RequestOutput] = {}
         open_streams = len(tasks)
 
         def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-            body = {"id": rid, "object": "text_completion", "created": created,
-                    "model": r.model, "choices": choices}
-            if include_usage:
-                body["usage"] = usage_
-            return body
+            return _chunk(rid, "text_completion", created, r.model, choices, include_usage,
+                          usage_)
 
         try:
             while open_streams:
@@ -422,22 +410,17 @@ class OpenAIServing:
                 for c in out.outputs:
                     key = i * r.n + c.index
                     tracker.observe(key, c)
-                    first = key not in sent_text
-                    echo = self._echo_text(prompts[i]) if r.echo and first else ""
-                    t0, k0 = max(sent_text.get(key, 0), 0), sent_tok.get(key, 0)
-                    done = c.finish_reason is not None
-                    if sent_text.get(key) == -1:
+                    echo = self._echo_text(prompts[i]) if r.echo and sent.first(key) else ""
+                    step = sent.advance(key, c, force=bool(echo))
+                    if step is None:
                         continue
-                    if len(c.text) == t0 and len(c.token_ids) == k0 and not done and not echo:
-                        continue
+                    t0, k0, done = step
                     choices.append({
                         "index": key, "text": echo + c.text[t0:],
                         "logprobs": self._completion_logprobs(c, k0, len(echo))
                         if r.logprobs is not None else None,
-                        "finish_reason": _finish(c) if done else None,
+                        "finish_reason": c.finish_reason,
                         **({"stop_reason": c.stop_reason} if done else {})})
-                    sent_text[key] = -1 if done else len(c.text)
-                    sent_tok[key] = len(c.token_ids)
                 if choices:
                     yield chunk(choices)
             outs = [finals[i] for i in sorted(finals)]
@@ -501,8 +484,40 @@ def _api_error(e: Exception) -> Exception:
     return e
 
 
-def _finish(c: CompletionOutput) -> str | None:
-    return {"abort": "abort"}.get(c.finish_reason or "", c.finish_reason)
+class _Sent:
+    """What a stream already sent per choice: text length and token count; finished choices
+    are sent nothing more."""
+
+    def __init__(self) -> None:
+        self._text: dict[int, int] = {}
+        self._tok: dict[int, int] = {}
+        self._done: set[int] = set()
+
+    def first(self, key: int) -> bool:
+        return key not in self._text
+
+    def advance(self, key: int, c: CompletionOutput, force: bool = False
+                ) -> tuple[int, int, bool] | None:
+        """(text sent so far, tokens sent so far, finished now), recording `c` as sent; None
+        when there is nothing new for this choice."""
+        if key in self._done:
+            return None
+        t0, k0 = self._text.get(key, 0), self._tok.get(key, 0)
+        done = c.finish_reason is not None
+        if not (done or force or len(c.text) > t0 or len(c.token_ids) > k0):
+            return None
+        self._text[key], self._tok[key] = len(c.text), len(c.token_ids)
+        if done:
+            self._done.add(key)
+        return t0, k0, done
+
+
+def _chunk(rid: str, obj: str, created: int, model: str, choices: list[dict],
+           include_usage: bool, usage_: dict | None) -> dict:
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = usage_  # null on every chunk but the last, as OpenAI sends it
+    return body
 
 
 def _finite(x: float | None) -> float:
