@@ -11,6 +11,10 @@
 (d) memory: process RSS with 100 adapters loaded minus without, vs the sum of adapter sizes.
 
     python benchmarks/bench_lora.py [--quick] [--ks 1,8,32,128] [--requests 64]
+        [--dtype float32] [--lora-dtype auto]
+
+(a), (c) and (d) run in --dtype with adapters in --lora-dtype (auto = the model's); the floor
+counts the adapters' bytes in that dtype. (b) is always fp32 on both sides.
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peft-requests", type=int, default=32)
     ap.add_argument("--peft-adapters", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true", help="skip (b), the PEFT baseline")
+    ap.add_argument("--dtype", default="float32", help="model dtype for (a), (c), (d)")
+    ap.add_argument("--lora-dtype", default="auto", help="adapter dtype (auto = model's)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -158,8 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
     folder = converted_folder(embedded_gguf_path())
     bw = measure_mem_bandwidth(256 if args.quick else 768, kind="read")
     rss0 = rss_bytes()
-    llm = LLM(str(folder), dtype="float32", enable_lora=True, max_loras=args.max_loras,
-              max_lora_rank=args.rank, max_num_seqs=max(64, args.requests))
+    def make_llm(dtype: str, lora_dtype: str):
+        return LLM(str(folder), dtype=dtype, lora_dtype=lora_dtype, enable_lora=True,
+                   max_loras=args.max_loras, max_lora_rank=args.rank,
+                   max_num_seqs=max(64, args.requests))
+
+    llm = make_llm(args.dtype, args.lora_dtype)
     rss_engine = rss_bytes()
     cfg = llm.engine.model_config
     n_adapters = max(max(ks), 100 if not args.quick else 4)
@@ -182,8 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     mem = {"adapters": n_adapters, "rss_delta_mb": (rss_loaded - rss_engine) / 1e6,
            "sum_adapter_mb": n_adapters * adapter_bytes / 1e6,
            "device_slots_mb": (rss_engine - rss0) / 1e6}
-    print(f"adapter: r={args.rank} on all 7 projections x {cfg.num_layers} layers = "
-          f"{adapter_bytes / 1e6:.1f} MB fp32; read bandwidth {bw:.1f} GB/s")
+    print(f"model {llm.engine.dtype}, adapters {llm.engine.lora_dtype}: r={args.rank} on all 7 "
+          f"projections x {cfg.num_layers} layers = {adapter_bytes / 1e6:.1f} MB each; read "
+          f"bandwidth {bw:.1f} GB/s")
     print(f"(c) cold load from disk, {cold['n']} adapters: p50 {cold['p50_ms']:.1f} ms, "
           f"p99 {cold['p99_ms']:.1f} ms")
     print(f"(d) memory: RSS +{mem['rss_delta_mb']:.0f} MB with {n_adapters} adapters loaded vs "
@@ -249,6 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             print("(b) skipped: the peft package is not installed")
         else:
+            if llm.engine.dtype != torch.float32 or llm.engine.lora_dtype != torch.float32:
+                del llm  # (b) compares fp32 with fp32
+                llm = make_llm("float32", "float32")
+                for i in range(args.peft_adapters):
+                    llm.add_lora(f"a{i}", str(paths[i]))
             peft_res = bench_vs_peft(llm, folder, paths, prompts[:args.peft_requests],
                                      args.peft_adapters, args.new_tokens, args.repeats)
             print(f"(b) {peft_res['requests']} requests over {peft_res['adapters']} adapters, "

@@ -1,9 +1,11 @@
 """The LoRA delta kernel alone, at SmolLM2's shapes: one decode step's worth of calls (30 layers x
 4 fused projections) for T tokens spread over k adapters, against the bytes floor (each distinct
 adapter's A and B read once per step / memory read bandwidth measured now), plus the fixed cost
-of a call (1 token, rank 1).
+of a call (1 token, rank 1). Each dtype mix (activations x adapter weights: fp32 or bf16) is
+measured in turn; bf16 adapters halve the bytes, so their floor is half the fp32 one.
 
     python benchmarks/bench_lora_kernel.py [--tokens 64] [--ks 1,8,32] [--rank 16]
+        [--dtypes x32w32,x32w16,x16w16]
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ SHAPES = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576
 LAYERS = 30
 
 
-def build(slots: int, rank: int):
+DTYPES = {"x32w32": (torch.float32, torch.float32), "x32w16": (torch.float32, torch.bfloat16),
+          "x16w16": (torch.bfloat16, torch.bfloat16), "x16w32": (torch.bfloat16, torch.float32)}
+
+
+def build(slots: int, rank: int, wdtype: torch.dtype):
     from loraplex.lora.ops import LoRASlots
 
     g = torch.Generator().manual_seed(0)
     mods = []
     for _ in range(LAYERS):
         for fin, outs in SHAPES:
-            m = LoRASlots(fin, outs, slots + 1, rank, torch.device("cpu"), torch.float32,
+            m = LoRASlots(fin, outs, slots + 1, rank, torch.device("cpu"), wdtype,
                           packed=True)
             for s in range(slots):
                 for j, o in enumerate(outs):
@@ -43,9 +49,9 @@ def build(slots: int, rank: int):
     return mods
 
 
-def step_time(mods, batch, tokens: int, repeats: int) -> float:
-    xs = {fin: torch.randn(tokens, fin) for fin, _ in SHAPES}
-    ys = {sum(o): torch.zeros(tokens, sum(o)) for _, o in SHAPES}
+def step_time(mods, batch, tokens: int, repeats: int, act: torch.dtype) -> float:
+    xs = {fin: torch.randn(tokens, fin).to(act) for fin, _ in SHAPES}
+    ys = {sum(o): torch.zeros(tokens, sum(o), dtype=act) for _, o in SHAPES}
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -61,6 +67,8 @@ def main() -> None:
     ap.add_argument("--ks", default="1,8,32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--dtypes", default="x32w32,x32w16,x16w16",
+                    help=f"activation x adapter dtype mixes, of {','.join(DTYPES)}")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     from loraplex.kernels import kernels
@@ -69,26 +77,32 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     kern = kernels().lora_delta_
     bw = measure_mem_bandwidth(768, kind="read")
-    mods = build(max(ks), args.rank)
-    adapter_bytes = sum((m.a[0].numel() + m.bp[0].numel()) * 4 for m in mods)
+    print(f"read bandwidth {bw:.1f} GB/s")
     rows = []
     one = LoRABatch.build([0], torch.device("cpu"), kern)
-    fixed = step_time(mods, one, 1, args.repeats) / len(mods)
-    print(f"read bandwidth {bw:.1f} GB/s; adapter {adapter_bytes / 1e6:.1f} MB; fixed cost "
-          f"{1e6 * fixed:.1f} us per call x {len(mods)} calls = {1e3 * fixed * len(mods):.2f} "
-          f"ms per step")
-    for k in ks:
-        batch = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"), kern)
-        t = step_time(mods, batch, args.tokens, args.repeats)
-        floor = min(k, args.tokens) * adapter_bytes / (bw * 1e9)
-        rows.append({"k": k, "step_ms": 1e3 * t, "floor_ms": 1e3 * floor, "over_floor": t / floor,
-                     "gbps": min(k, args.tokens) * adapter_bytes / t / 1e9})
-        print(f"k={k:3d}: {1e3 * t:6.2f} ms/step, floor {1e3 * floor:6.2f} ms "
-              f"({t / floor:.2f}x), {rows[-1]['gbps']:.1f} GB/s", flush=True)
+    for mix in args.dtypes.split(","):
+        act, wt = DTYPES[mix]
+        mods = build(max(ks), args.rank, wt)
+        adapter_bytes = sum((m.a[0].numel() + m.bp[0].numel()) * m.a.element_size()
+                            for m in mods)
+        fixed = step_time(mods, one, 1, args.repeats, act) / len(mods)
+        print(f"[{mix}] adapter {adapter_bytes / 1e6:.1f} MB; fixed cost {1e6 * fixed:.1f} us "
+              f"per call x {len(mods)} calls = {1e3 * fixed * len(mods):.2f} ms per step")
+        for k in ks:
+            batch = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"),
+                                    kern)
+            t = step_time(mods, batch, args.tokens, args.repeats, act)
+            floor = min(k, args.tokens) * adapter_bytes / (bw * 1e9)
+            rows.append({"dtypes": mix, "k": k, "adapter_bytes": adapter_bytes,
+                         "fixed_us_per_call": 1e6 * fixed, "step_ms": 1e3 * t,
+                         "floor_ms": 1e3 * floor, "over_floor": t / floor,
+                         "gbps": min(k, args.tokens) * adapter_bytes / t / 1e9})
+            print(f"[{mix}] k={k:3d}: {1e3 * t:6.2f} ms/step, floor {1e3 * floor:6.2f} ms "
+                  f"({t / floor:.2f}x), {rows[-1]['gbps']:.1f} GB/s", flush=True)
+        del mods
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes,
-                                   "fixed_us_per_call": 1e6 * fixed, "rows": rows,
-                                   "config": vars(args)}, indent=2))
+    RESULTS.write_text(json.dumps({"bandwidth_gbps": bw, "rows": rows, "config": vars(args)},
+                                  indent=2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-loras", type=int, default=4,
                    help="distinct adapters in one batch (device slots)")
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    g.add_argument("--lora-dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="adapter weights' dtype (auto = the model's); bfloat16 halves adapter "
+                        "memory and LoRA's per-step reads")
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapter copies kept in CPU memory (LRU; default: all registered)")
     g.add_argument("--lora-dir", default=None,
@@ -62,6 +66,7 @@ def engine_config(args: argparse.Namespace):
         kv_cache_memory_gb=args.kv_cache_memory_gb, cpu_gemm=args.cpu_gemm,
         enable_lora=lora, max_loras=getattr(args, "max_loras", 4),
         max_lora_rank=getattr(args, "max_lora_rank", 16),
+        lora_dtype=getattr(args, "lora_dtype", "auto"),
         max_cpu_loras=getattr(args, "max_cpu_loras", None),
         allow_pickle_adapters=getattr(args, "allow_pickle_adapters", False),
         served_model_name=(args.served_model_name or [None])[0]

@@ -243,6 +243,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     allow_pickle_adapters: bool = False
+    # Adapter weights' dtype (vLLM's --lora-dtype): "auto" = the model's dtype. bfloat16 halves
+    # adapter memory and the bytes a step reads (the LoRA tax's floor) at bf16 rounding of A, B.
+    lora_dtype: str = "auto"
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)
 
@@ -251,6 +254,9 @@ class EngineConfig:
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device cuda requested but torch sees no CUDA device")
+        if self.lora_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"lora_dtype must be auto, float32, bfloat16 or float16, got "
+                              f"{self.lora_dtype!r}")
         if self.cpu_gemm not in ("onednn", "mkl"):
             raise ConfigError(f"cpu_gemm must be onednn or mkl, got {self.cpu_gemm!r}")
         self.cache = CacheConfig(self.block_size, self.kv_cache_memory_gb, self.num_kv_blocks)

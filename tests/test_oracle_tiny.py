@@ -24,7 +24,7 @@ def _prompts(k: int, seed: int = 1) -> list[list[int]]:
 def test_logits_and_greedy_match_hf(tiny_model_factory, family, use_kernels):
     path = tiny_model_factory(family)
     hf = hf_load(path)
-    llm = LLM(str(path), max_model_len=256, block_size=8, use_kernels=use_kernels)
+    llm = LLM(str(path), dtype="float32", max_model_len=256, block_size=8, use_kernels=use_kernels)
     assert (llm.engine.runner.decode_kernel is not None) == use_kernels
     prompts = _prompts(5)
     ours, logits = ours_greedy_with_logits(llm, prompts, N_NEW)
@@ -41,8 +41,8 @@ def test_chunked_prefill_and_preemption_match_hf(tiny_model_factory, family):
     KV pool too small for all rows forces preemption + recompute: logits must not change."""
     path = tiny_model_factory(family)
     hf = hf_load(path)
-    llm = LLM(str(path), max_model_len=128, block_size=4, max_num_batched_tokens=20,
-              num_kv_blocks=40)
+    llm = LLM(str(path), dtype="float32", max_model_len=128, block_size=4,
+              max_num_batched_tokens=20, num_kv_blocks=40)
     prompts = _prompts(6, seed=7)
     prompts[0] = prompts[0] + prompts[1] + prompts[2]  # long: several chunks
     prompts[0] = prompts[0][:100]
@@ -59,7 +59,7 @@ def test_chunked_prefill_and_preemption_match_hf(tiny_model_factory, family):
 def test_tied_embeddings(tiny_model_factory):
     path = tiny_model_factory("llama", seed=3, tie=True)
     hf = hf_load(path)
-    llm = LLM(str(path), max_model_len=256)
+    llm = LLM(str(path), dtype="float32", max_model_len=256)
     prompts = _prompts(2, seed=3)
     ours, logits = ours_greedy_with_logits(llm, prompts, 8)
     for p, toks in zip(prompts, ours):

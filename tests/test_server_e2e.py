@@ -47,8 +47,10 @@ def lora_dir(adapters, tmp_path_factory) -> Path:
 
 
 def engine_cfg(**kw) -> EngineConfig:
-    return EngineConfig(enable_lora=True, max_loras=4, max_lora_rank=16, max_model_len=512,
-                        max_num_seqs=16, **kw)
+    # fp32: a row's result is then independent of the batch (see README), which the exact
+    # server-vs-offline comparisons below rely on.
+    return EngineConfig(dtype="float32", enable_lora=True, max_loras=4, max_lora_rank=16,
+                        max_model_len=512, max_num_seqs=16, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -110,13 +110,17 @@ class Engine:
                 f"cannot hold one sequence of max_model_len={self.sched_config.max_model_len}; "
                 f"raise kv_cache_memory_gb or lower max_model_len")
         self.lora: LoRAManager | None = None
+        self.lora_dtype: torch.dtype | None = None  # adapters' dtype when LoRA is enabled
         if cfg.enable_lora:
-            from loraplex.kernels import kernels_for
+            from loraplex.kernels import lora_kernel_for
 
-            packed = kernels_for(self.device, self.dtype, cfg.use_kernels) is not None
+            self.lora_dtype = (self.dtype if cfg.lora_dtype == "auto"
+                               else resolve_dtype(cfg.lora_dtype, self.device))
+            packed = lora_kernel_for(self.device, self.dtype, self.lora_dtype,
+                                     cfg.use_kernels) is not None
             lora_cfg = LoRAConfig(cfg.max_loras, cfg.max_lora_rank, cfg.allow_pickle_adapters,
                                   cfg.max_cpu_loras)
-            self.lora = LoRAManager(self.model, m, lora_cfg, self.device, self.dtype,
+            self.lora = LoRAManager(self.model, m, lora_cfg, self.device, self.lora_dtype,
                                     packed=packed)
         self.block_manager = BlockManager(self.num_blocks, c.block_size)
         self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids,
@@ -124,7 +128,7 @@ class Engine:
         self.sampler = Sampler(self.device, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, m, self.num_blocks, c.block_size, self.device,
                                   self.dtype, self.sampler, cfg.use_kernels,
-                                  lora_enabled=self.lora is not None)
+                                  lora_dtype=self.lora.dtype if self.lora else None)
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()

@@ -21,24 +21,25 @@ from loraplex.model.sampler import Sampler
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int,
                  block_size: int, device: torch.device, dtype: torch.dtype,
-                 sampler: Sampler, use_kernels: bool = True, lora_enabled: bool = False
-                 ) -> None:
+                 sampler: Sampler, use_kernels: bool = True,
+                 lora_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
         self.window = cfg.sliding_window
-        self.lora_enabled = lora_enabled
+        self.lora_enabled = lora_dtype is not None  # adapters' dtype, None = LoRA disabled
         self.decode_kernel = None
-        self.lora_kernel = None  # C++ segmented LoRA delta (CPU fp32), else the torch path
-        from loraplex.kernels import kernels_for
+        from loraplex.kernels import kernels_for, lora_kernel_for
 
         ops = kernels_for(device, dtype, use_kernels)
         if ops is not None:
             self.decode_kernel = ops.paged_decode_attention
-            self.lora_kernel = ops.lora_delta_
             model.use_cpu_kernels(ops)
+        # C++ segmented LoRA delta (CPU, fp32/bf16 activations and adapters), else the torch path
+        self.lora_kernel = (lora_kernel_for(device, dtype, lora_dtype, use_kernels)
+                            if lora_dtype is not None else None)
         # Test hook: called with (sampled rows, their fp32 logits) before sampling.
         self.logits_hook: Callable[[list[ScheduledRow], torch.Tensor], None] | None = None
         shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)

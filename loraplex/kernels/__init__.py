@@ -49,9 +49,22 @@ def kernels():
 
 
 def kernels_for(device, dtype, enabled: bool = True):
-    """The C++ ops if this engine should use them (CPU, float32, not disabled), else None."""
+    """The C++ attention and fused ops if this engine should use them (CPU, float32, not
+    disabled), else None."""
     import torch
 
     if not enabled or device.type != "cpu" or dtype != torch.float32:
         return None
     return kernels()
+
+
+def lora_kernel_for(device, dtype, lora_dtype, enabled: bool = True):
+    """The C++ segmented LoRA delta if it serves these activation and adapter dtypes (CPU,
+    float32 or bfloat16 each), else None (the torch path)."""
+    import torch
+
+    ok = (torch.float32, torch.bfloat16)
+    if not enabled or device.type != "cpu" or dtype not in ok or lora_dtype not in ok:
+        return None
+    ops = kernels()
+    return None if ops is None else ops.lora_delta_

@@ -8,8 +8,14 @@
 // is computed, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
 // (tokens[offsets[g]:offsets[g+1]] use slots[g]); work items are (group, chunk of <= 8 tokens),
 // so each item writes disjoint rows of y and reads its adapter's A/B chunk from cache.
+//
+// dtypes: activations (x, y) float32 or bfloat16, adapter weights (a, bp) float32 or bfloat16,
+// in any combination; products and sums are float32, y is rounded once (to nearest even) when a
+// bfloat16 row is stored, as `y + delta` in torch would. bf16 weights halve the bytes a step
+// must read, which is what bounds this kernel once a step uses many distinct adapters.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,71 +28,88 @@
 namespace {
 
 constexpr int64_t kChunk = 8;
+using bf16 = c10::BFloat16;
 
-inline float dot_f(const float* a, const float* b, int64_t n) {
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) { return static_cast<float>(v); }
+inline void put(float* p, float v) { *p = v; }
+inline void put(bf16* p, float v) { *p = bf16(v); }  // round to nearest even
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const bf16* p) {  // bf16 is the high half of a float32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void st8(bf16* p, __m256 v) {
+  // Round to nearest even, NaN kept quiet: the same bits as c10's float -> BFloat16.
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+#endif
+
+template <typename W, typename T>
+inline float dot_f(const W* a, const T* b, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s0 = _mm256_fmadd_ps(ld8(a + i), ld8(b + i), s0);
+    s1 = _mm256_fmadd_ps(ld8(a + i + 8), ld8(b + i + 8), s1);
   }
   s0 = _mm256_add_ps(s0, s1);
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
   float s = _mm_cvtss_f32(h);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
   return s;
 #else
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += to_f(a[i]) * to_f(b[i]);
   return s;
-#endif
-}
-
-inline void axpy_f(float* y, float w, const float* x, int64_t n) {
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 vw = _mm256_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * x[i];
-#else
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 #endif
 }
 
 // z[t][i] = A[i] . x[tok[t]] for i < r, t < n. Four A rows at a time share each x load and one
 // horizontal reduction; the rows stay in L1 while the item's tokens pass over them.
-inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in, const float* x,
+template <typename W, typename T>
+inline void shrink(float* z, int64_t ldz, const W* A, int64_t r, int64_t in, const T* x,
                    const int64_t* tok, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (in % 8 == 0) {
     for (; i + 4 <= r; i += 4) {
-      const float* a0 = A + i * in;
+      const W* a0 = A + i * in;
       int64_t t = 0;
       for (; t + 2 <= n; t += 2) {  // two tokens x four rows: each A load feeds two FMAs
-        const float* xa = x + tok[t] * in;
-        const float* xb = x + tok[t + 1] * in;
+        const T* xa = x + tok[t] * in;
+        const T* xb = x + tok[t + 1] * in;
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
         __m256 d0 = c0, d1 = c0, d2 = c0, d3 = c0;
         // First token pair of a row group: pull the next group's rows in (one line per
-        // row per 16 floats) so they stream from DRAM while these FMAs run; the rows are
+        // row per cache line) so they stream from DRAM while these FMAs run; the rows are
         // short (one `in` each), too short for the hardware prefetcher to ramp up.
-        const float* nxt = (t == 0 && i + 8 <= r) ? a0 + 4 * in : nullptr;
+        const W* nxt = (t == 0 && i + 8 <= r) ? a0 + 4 * in : nullptr;
         for (int64_t k = 0; k < in; k += 8) {
-          if (nxt != nullptr && (k & 15) == 0) {
+          if (nxt != nullptr && (k & (kLine - 1)) == 0) {
             _mm_prefetch(reinterpret_cast<const char*>(nxt + k), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(nxt + in + k), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(nxt + 2 * in + k), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(nxt + 3 * in + k), _MM_HINT_T0);
           }
-          const __m256 u = _mm256_loadu_ps(xa + k), v = _mm256_loadu_ps(xb + k);
-          const __m256 r0 = _mm256_loadu_ps(a0 + k), r1 = _mm256_loadu_ps(a0 + in + k);
-          const __m256 r2 = _mm256_loadu_ps(a0 + 2 * in + k);
-          const __m256 r3 = _mm256_loadu_ps(a0 + 3 * in + k);
+          const __m256 u = ld8(xa + k), v = ld8(xb + k);
+          const __m256 r0 = ld8(a0 + k), r1 = ld8(a0 + in + k);
+          const __m256 r2 = ld8(a0 + 2 * in + k);
+          const __m256 r3 = ld8(a0 + 3 * in + k);
           c0 = _mm256_fmadd_ps(r0, u, c0);
           c1 = _mm256_fmadd_ps(r1, u, c1);
           c2 = _mm256_fmadd_ps(r2, u, c2);
@@ -104,14 +127,14 @@ inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in,
                       _mm_add_ps(_mm256_castps256_ps128(hd), _mm256_extractf128_ps(hd, 1)));
       }
       for (; t < n; ++t) {
-        const float* xt = x + tok[t] * in;
+        const T* xt = x + tok[t] * in;
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
         for (int64_t k = 0; k < in; k += 8) {
-          const __m256 xv = _mm256_loadu_ps(xt + k);
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
-          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + in + k), xv, c1);
-          c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + 2 * in + k), xv, c2);
-          c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + 3 * in + k), xv, c3);
+          const __m256 xv = ld8(xt + k);
+          c0 = _mm256_fmadd_ps(ld8(a0 + k), xv, c0);
+          c1 = _mm256_fmadd_ps(ld8(a0 + in + k), xv, c1);
+          c2 = _mm256_fmadd_ps(ld8(a0 + 2 * in + k), xv, c2);
+          c3 = _mm256_fmadd_ps(ld8(a0 + 3 * in + k), xv, c3);
         }
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(c0, c1), _mm256_hadd_ps(c2, c3));
         _mm_storeu_ps(z + t * ldz + i,
@@ -127,36 +150,34 @@ inline void shrink(float* z, int64_t ldz, const float* A, int64_t r, int64_t in,
 // y[tok[t], o0 + 32c : +32] += sum_i z[t][i] * Bp[c][i][:] over the shard's column blocks c.
 // Bp is the shard's scaled B^T packed as [blocks, R, 32]: each block is one contiguous run, so
 // the loads stream (a [r, out] row-major B^T would stride by `out` floats per rank row).
-inline void expand(float* y, int64_t ldy, int64_t o0, int64_t on, const float* Bp, int64_t R,
+template <typename W, typename T>
+inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t R,
                    int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(W);
   const int64_t nblk = (on + 31) / 32;
   for (int64_t c = 0; c < nblk; ++c) {
-    const float* b = Bp + c * R * 32;
+    const W* b = Bp + c * R * 32;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
 #if defined(__AVX2__) && defined(__FMA__)
-    if (c + 1 < nblk)  // the next block's r rows of 32 floats (two lines each)
-      for (int64_t i = 0; i < r; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + R * 32 + i * 32), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + R * 32 + i * 32 + 16), _MM_HINT_T0);
-      }
+    if (c + 1 < nblk)  // the next block's r rows of 32 weights (one or two lines each)
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t l = 0; l < 32; l += kLine)
+          _mm_prefetch(reinterpret_cast<const char*>(b + R * 32 + i * 32 + l), _MM_HINT_T0);
 #endif
     int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     if (w == 32) {
       // Two tokens per pass: each B load feeds two FMAs (8 accumulators in registers).
       for (; t + 2 <= n; t += 2) {
-        float* ya = y + tok[t] * ldy + o0 + c * 32;
-        float* yb = y + tok[t + 1] * ldy + o0 + c * 32;
+        T* ya = y + tok[t] * ldy + o0 + c * 32;
+        T* yb = y + tok[t + 1] * ldy + o0 + c * 32;
         const float* za = z + t * ldz;
         const float* zb = z + (t + 1) * ldz;
-        __m256 a0 = _mm256_loadu_ps(ya), a1 = _mm256_loadu_ps(ya + 8);
-        __m256 a2 = _mm256_loadu_ps(ya + 16), a3 = _mm256_loadu_ps(ya + 24);
-        __m256 e0 = _mm256_loadu_ps(yb), e1 = _mm256_loadu_ps(yb + 8);
-        __m256 e2 = _mm256_loadu_ps(yb + 16), e3 = _mm256_loadu_ps(yb + 24);
+        __m256 a0 = ld8(ya), a1 = ld8(ya + 8), a2 = ld8(ya + 16), a3 = ld8(ya + 24);
+        __m256 e0 = ld8(yb), e1 = ld8(yb + 8), e2 = ld8(yb + 16), e3 = ld8(yb + 24);
         for (int64_t i = 0; i < r; ++i) {
-          const float* bi = b + i * 32;
-          const __m256 b0 = _mm256_loadu_ps(bi), b1 = _mm256_loadu_ps(bi + 8);
-          const __m256 b2 = _mm256_loadu_ps(bi + 16), b3 = _mm256_loadu_ps(bi + 24);
+          const W* bi = b + i * 32;
+          const __m256 b0 = ld8(bi), b1 = ld8(bi + 8), b2 = ld8(bi + 16), b3 = ld8(bi + 24);
           const __m256 wa = _mm256_set1_ps(za[i]), wb = _mm256_set1_ps(zb[i]);
           a0 = _mm256_fmadd_ps(wa, b0, a0);
           a1 = _mm256_fmadd_ps(wa, b1, a1);
@@ -167,61 +188,59 @@ inline void expand(float* y, int64_t ldy, int64_t o0, int64_t on, const float* B
           e2 = _mm256_fmadd_ps(wb, b2, e2);
           e3 = _mm256_fmadd_ps(wb, b3, e3);
         }
-        _mm256_storeu_ps(ya, a0);
-        _mm256_storeu_ps(ya + 8, a1);
-        _mm256_storeu_ps(ya + 16, a2);
-        _mm256_storeu_ps(ya + 24, a3);
-        _mm256_storeu_ps(yb, e0);
-        _mm256_storeu_ps(yb + 8, e1);
-        _mm256_storeu_ps(yb + 16, e2);
-        _mm256_storeu_ps(yb + 24, e3);
+        st8(ya, a0);
+        st8(ya + 8, a1);
+        st8(ya + 16, a2);
+        st8(ya + 24, a3);
+        st8(yb, e0);
+        st8(yb + 8, e1);
+        st8(yb + 16, e2);
+        st8(yb + 24, e3);
       }
     }
 #endif
     for (; t < n; ++t) {
-      float* yt = y + tok[t] * ldy + o0 + c * 32;
+      T* yt = y + tok[t] * ldy + o0 + c * 32;
       const float* zt = z + t * ldz;
 #if defined(__AVX2__) && defined(__FMA__)
       if (w == 32) {
-        __m256 a0 = _mm256_loadu_ps(yt), a1 = _mm256_loadu_ps(yt + 8);
-        __m256 a2 = _mm256_loadu_ps(yt + 16), a3 = _mm256_loadu_ps(yt + 24);
+        __m256 a0 = ld8(yt), a1 = ld8(yt + 8), a2 = ld8(yt + 16), a3 = ld8(yt + 24);
         for (int64_t i = 0; i < r; ++i) {
           const __m256 wv = _mm256_set1_ps(zt[i]);
-          const float* bi = b + i * 32;
-          a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi), a0);
-          a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 8), a1);
-          a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 16), a2);
-          a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(bi + 24), a3);
+          const W* bi = b + i * 32;
+          a0 = _mm256_fmadd_ps(wv, ld8(bi), a0);
+          a1 = _mm256_fmadd_ps(wv, ld8(bi + 8), a1);
+          a2 = _mm256_fmadd_ps(wv, ld8(bi + 16), a2);
+          a3 = _mm256_fmadd_ps(wv, ld8(bi + 24), a3);
         }
-        _mm256_storeu_ps(yt, a0);
-        _mm256_storeu_ps(yt + 8, a1);
-        _mm256_storeu_ps(yt + 16, a2);
-        _mm256_storeu_ps(yt + 24, a3);
+        st8(yt, a0);
+        st8(yt + 8, a1);
+        st8(yt + 16, a2);
+        st8(yt + 24, a3);
         continue;
       }
 #endif
-      for (int64_t i = 0; i < r; ++i) axpy_f(yt, zt[i], b + i * 32, w);
+      // Partial block (or no AVX2): accumulate in float32, round once.
+      for (int64_t col = 0; col < w; ++col) {
+        float acc = to_f(yt[col]);
+        for (int64_t i = 0; i < r; ++i) acc += zt[i] * to_f(b[i * 32 + col]);
+        put(yt + col, acc);
+      }
     }
   }
 }
 
-}  // namespace
-
-void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bp, at::Tensor ranks,
-                 at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets,
-                 at::Tensor slots) {
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-                  a.scalar_type() == at::kFloat && bp.scalar_type() == at::kFloat,
-              "lora_delta_: float32 only");
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bp.is_contiguous());
+template <typename T, typename W>
+void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bp,
+         const at::Tensor& ranks, const at::Tensor& shard_sizes, const at::Tensor& tokens,
+         const at::Tensor& offsets, const at::Tensor& slots) {
   const int64_t in = x.size(1), out = y.size(1), nsh = ranks.size(1);
   const int64_t R = a.size(1) / nsh;
-  TORCH_CHECK(a.size(2) == in && bp.size(2) == R && bp.size(3) == 32);
   const int64_t NB = bp.size(1);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* bpp = bp.data_ptr<float>();
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const W* ap = a.data_ptr<W>();
+  const W* bpp = bp.data_ptr<W>();
   const int64_t* rk = ranks.data_ptr<int64_t>();
   const int64_t* ss = shard_sizes.data_ptr<int64_t>();
   const int64_t* tk = tokens.data_ptr<int64_t>();
@@ -248,13 +267,37 @@ void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bp, at::Te
       for (int64_t j = 0; j < nsh; ++j) {
         const int64_t r = rk[s * nsh + j];
         if (r == 0) continue;
-        const float* A = ap + (s * nsh * R + j * R) * in;   // [r, in]
-        const float* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
+        const W* A = ap + (s * nsh * R + j * R) * in;         // [r, in]
+        const W* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
         shrink(xa.data(), R, A, r, in, xp, tk + t0, t1 - t0);
         expand(yp, out, shard_off[j], ss[j], Bp, R, r, xa.data(), R, tk + t0, t1 - t0);
       }
     }
   });
+}
+
+}  // namespace
+
+void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bp, at::Tensor ranks,
+                 at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets,
+                 at::Tensor slots) {
+  const auto act = x.scalar_type(), wt = a.scalar_type();
+  TORCH_CHECK(y.scalar_type() == act && bp.scalar_type() == wt,
+              "lora_delta_: y must have x's dtype and bp a's dtype");
+  TORCH_CHECK((act == at::kFloat || act == at::kBFloat16) &&
+                  (wt == at::kFloat || wt == at::kBFloat16),
+              "lora_delta_: float32 or bfloat16 only");
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bp.is_contiguous());
+  const int64_t nsh = ranks.size(1);
+  TORCH_CHECK(a.size(2) == x.size(1) && bp.size(2) == a.size(1) / nsh && bp.size(3) == 32);
+  if (act == at::kFloat && wt == at::kFloat)
+    run<float, float>(y, x, a, bp, ranks, shard_sizes, tokens, offsets, slots);
+  else if (act == at::kFloat)
+    run<float, bf16>(y, x, a, bp, ranks, shard_sizes, tokens, offsets, slots);
+  else if (wt == at::kFloat)
+    run<bf16, float>(y, x, a, bp, ranks, shard_sizes, tokens, offsets, slots);
+  else
+    run<bf16, bf16>(y, x, a, bp, ranks, shard_sizes, tokens, offsets, slots);
 }
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {

@@ -12,8 +12,10 @@ Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller r
 the first r rows and the C++ kernel computes only those.
 
 Two paths, chosen once per step by the runner (`LoRABatch.build`): the C++ segmented kernel
-(CPU fp32: one call per projection, tokens grouped by adapter, only real ranks computed) and a
-pure-torch gather + bmm path (any device/dtype; mixed ranks zero-padded to R).
+(CPU, fp32 or bf16 activations and adapters in any mix, fp32 arithmetic: one call per
+projection, tokens grouped by adapter, only real ranks computed) and a pure-torch gather + bmm
+path (any device/dtype; mixed ranks zero-padded to R). The adapters' dtype (`lora_dtype`) may
+differ from the activations'.
 """
 
 from __future__ import annotations
@@ -140,19 +142,20 @@ class LoRABatch:
             self.kernel(y, x.contiguous(), m.a, m.bp, m.ranks, m.shard_sizes, self.tokens,
                         self.offsets, self.slots)
             return y
-        xz = torch.cat((x, x.new_zeros(1, x.shape[1])))  # row T = zeros for padding
+        dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
+        xz = torch.cat((x, x.new_zeros(1, x.shape[1]))).to(dt)  # row T = zero padding
         xs = xz[self.gather]  # [k, L, in]
-        xa = torch.bmm(xs, m.a[self.slots].transpose(1, 2))  # [k, L, nR]
-        d = torch.bmm(xa, m.bt[self.slots])  # [k, L, out]
-        y.index_add_(0, self.dest, d.reshape(-1, d.shape[-1])[self.src])
+        xa = torch.bmm(xs, m.a[self.slots].transpose(1, 2).to(dt))  # [k, L, nR]
+        d = torch.bmm(xa, m.bt[self.slots].to(dt))  # [k, L, out]
+        y.index_add_(0, self.dest, d.reshape(-1, d.shape[-1])[self.src].to(y.dtype))
         return y
 
 
 def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Slow, obviously-correct per-row LoRA delta: [T, out]. For tests only."""
-    out = torch.zeros(x.shape[0], m.out_features, dtype=x.dtype, device=x.device)
+    """Slow, obviously-correct per-row LoRA delta in float32: [T, out]. For tests only."""
+    out = torch.zeros(x.shape[0], m.out_features, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
         s = int(token_slots[t])
         if s >= 0:
-            out[t] = (m.a[s] @ x[t]) @ m.dense_bt(s)
+            out[t] = (m.a[s].float() @ x[t].float()) @ m.dense_bt(s).float()
     return out
