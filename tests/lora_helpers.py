@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 def make_peft_adapter(base_dir: Path, out: Path, seed: int, std: float = 0.1,
@@ -67,3 +70,83 @@ class PeftOracle:
                 self.model.set_adapter(adapter)
                 out = self.model.generate(input_ids=ids, **kw)
         return out[0, len(prompt):].tolist()
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _edit_config(d, **kv):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(kv)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(d, fn):
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    fn(sd)
+    save_file(sd, str(d / "adapter_model.safetensors"))
+
+
+def _wrong_shape(sd):
+    sd[f"{KEY}.lora_A.weight"] = torch.zeros(8, 100)
+
+
+def _unknown_key(sd):
+    sd[f"{KEY}.lora_magnitude_vector"] = torch.ones(64)
+
+
+def _only_a(sd):
+    del sd[f"{KEY}.lora_B.weight"]
+
+
+def _far_layer(sd):
+    sd["base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight"] = torch.zeros(8, 64)
+
+
+def _nan(sd):
+    sd[f"{KEY}.lora_B.weight"][0, 0] = float("nan")
+
+
+def _empty(sd):
+    sd.clear()
+
+
+def _stray(sd):
+    sd["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight.unused"] = torch.zeros(1)
+
+
+def _huge_declared(d):
+    """A header that declares a 40 GB tensor over a few bytes of data."""
+    key = f"{KEY}.lora_A.weight"
+    header = json.dumps({key: {"dtype": "F32", "shape": [100_000, 100_000],
+                               "data_offsets": [0, 40_000_000_000]}}).encode()
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                                  + b"\0" * 64)
+
+
+# Adapters the engine must refuse: name -> (mutation of a copy of a good r=8 q/v adapter folder
+# on the tiny llama, a phrase the error must contain).
+BAD_ADAPTERS = {
+    "dora": (lambda d: _edit_config(d, use_dora=True), "DoRA"),
+    "modules_to_save": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
+    "lora_bias": (lambda d: _edit_config(d, lora_bias=True), "LoRA bias"),
+    "bias_all": (lambda d: _edit_config(d, bias="all"), "bias='all'"),
+    "embed_target": (lambda d: _edit_config(d, target_modules=["q_proj", "embed_tokens"]),
+                     "embed_tokens"),
+    "fan_in_fan_out": (lambda d: _edit_config(d, fan_in_fan_out=True), "fan_in_fan_out"),
+    "rank_mismatch": (lambda d: _edit_config(d, r=4), "rank 8 in its weights but 4"),
+    "wrong_shape": (lambda d: _edit_tensors(d, _wrong_shape), "q_proj lora_A (8, 100)"),
+    "unknown_key": (lambda d: _edit_tensors(d, _unknown_key), "DoRA magnitude"),
+    "missing_pair": (lambda d: _edit_tensors(d, _only_a), "but not its pair"),
+    "far_layer": (lambda d: _edit_tensors(d, _far_layer), "layer 99"),
+    "nan": (lambda d: _edit_tensors(d, _nan), "NaN"),
+    "no_match": (lambda d: _edit_tensors(d, _empty), "matches no module"),
+    "stray_key": (lambda d: _edit_tensors(d, _stray), "unexpected tensor"),
+    "no_config": (lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
+    "bad_json": (lambda d: (d / "adapter_config.json").write_text("{nope"), "not valid JSON"),
+    "no_weights": (lambda d: (d / "adapter_model.safetensors").unlink(),
+                   "no adapter_model.safetensors"),
+    "huge_declared": (_huge_declared, "declares bytes 0..40000000000"),
+    "truncated": (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:300]), "not a valid safetensors"),
+}
