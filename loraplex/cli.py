@@ -133,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_dir=args.lora_dir,
         api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY")
         or os.environ.get("VLLM_API_KEY") or None,
-        enable_runtime_lora=args.enable_runtime_lora,
+        enable_runtime_lora=args.enable_runtime_lora, tenants_file=args.tenants,
         max_queued_requests=args.max_queued_requests, host=args.host, port=args.port,
         demo_adapters=False if args.no_demo_adapters else None,
         drain_timeout=args.drain_timeout, log_level=args.log_level)
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(also read from LORAPLEX_API_KEY or VLLM_API_KEY)")
+    g.add_argument("--tenants", default=None, metavar="FILE",
+                   help="tenants YAML: API keys -> tenant, the adapters (names or globs) each "
+                        "may use, per-tenant limits; --api-key then acts as an admin key")
     g.add_argument("--enable-runtime-lora", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")

@@ -48,6 +48,8 @@ class Sequence:
         "seq_id",
         "status",
         "stop_reason",
+        "tenant",
+        "tenant_weight",
         "text",
         "token_ids",
     )
@@ -78,6 +80,9 @@ class Sequence:
         self.adapter: tuple[str, str] | None = None
         self.adapter_slot = -1
         self.bypassed = 0  # steps it waited while later requests were admitted before it
+        # Fair sharing: who the request is for (None = the default tenant) and their weight.
+        self.tenant: str | None = None
+        self.tenant_weight = 1.0
 
     @property
     def output_token_ids(self) -> list[int]:

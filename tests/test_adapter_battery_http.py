@@ -38,7 +38,7 @@ def _ten_gigabytes(d: Path) -> None:
 # Beyond the engine battery: cases that need a whole folder swapped or a server-side limit.
 EXTRA = {
     "wrong_base": (lambda d: (shutil.rmtree(d), shutil.copytree(DEMO, d)),
-                   "(8, 576)"),  # a SmolLM2 adapter (hidden 576) on the tiny model (hidden 64)
+                   "but the base model has 3 layers"),  # a SmolLM2 adapter on the tiny model
     "pickle_file": (_pickle_only, "pickle"),
     "ten_gb": (_ten_gigabytes, "larger than any LoRA adapter"),
 }
@@ -55,8 +55,8 @@ def env(tiny_model_factory, tmp_path_factory):
                             target_modules=["o_proj"])
     lora_dir = tmp / "dir"
     lora_dir.mkdir()
-    shutil.copytree(good, lora_dir / "dora")
-    BAD_ADAPTERS["dora"][0](lora_dir / "dora")
+    shutil.copytree(good, lora_dir / "in-dir-dora")
+    BAD_ADAPTERS["dora"][0](lora_dir / "in-dir-dora")
     cfg = ServerConfig(engine=EngineConfig(model=str(base), max_model_len=128, max_num_seqs=8,
                                            enable_lora=True, max_lora_rank=8),
                        lora_modules=[("good", str(good))], lora_dir=str(lora_dir), api_key=KEY,
@@ -112,9 +112,9 @@ def test_every_bad_adapter_gets_a_clear_4xx_while_good_traffic_flows(env):
         assert r.status_code == 404
         # --lora-dir: a broken adapter found on first use is refused with the reason, and
         # names that would leave the folder are unknown models
-        r = _chat(server, "dora")
+        r = _chat(server, "in-dir-dora")
         assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
-        for name in ["../good", "/etc", "dora/../../x", "..", "%2e%2e"]:
+        for name in ["../good", "/etc", "in-dir-dora/../../x", "..", "%2e%2e"]:
             assert _chat(server, name).status_code == 404, name
     finally:
         stop.set()

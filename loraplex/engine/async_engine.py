@@ -94,12 +94,14 @@ class AsyncEngine:
     # ---- caller side ------------------------------------------------------------------------
     def submit(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-               lora: str | None = None) -> RequestStream:
+               lora: str | None = None, tenant: str | None = None,
+               tenant_weight: float = 1.0) -> RequestStream:
         """Validate and enqueue a request now (synchronously: arrival order is call order, and
         `num_in_flight` counts it at once); iterate the returned stream for its outputs."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        req = self.engine.prepare(prompt, params, request_id, prompt_token_ids, lora)
+        req = self.engine.prepare(prompt, params, request_id, prompt_token_ids, lora, tenant,
+                                  tenant_weight)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
             if self._stopping:

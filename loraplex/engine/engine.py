@@ -54,6 +54,8 @@ class PreparedRequest:
     params: SamplingParams
     lora: str | None = None  # adapter name; None = base model
     arrival_time: float = field(default_factory=time.monotonic)
+    tenant: str | None = None  # fair-share account (None = the default tenant)
+    tenant_weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,8 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                 request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                lora: str | None = None) -> PreparedRequest:
+                lora: str | None = None, tenant: str | None = None,
+                tenant_weight: float = 1.0) -> PreparedRequest:
         """Validate and tokenize. Pure: safe to call from any thread."""
         params = params or SamplingParams()
         if lora is not None and (self.lora is None or self.lora.get(lora) is None):
@@ -185,7 +188,8 @@ class Engine:
                 f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, "
                 f"{params.max_tokens} in the completion).", "max_tokens")
         rid = request_id if request_id is not None else f"req-{next(self._req_ids)}"
-        return PreparedRequest(rid, prompt, list(prompt_token_ids), params, lora)
+        return PreparedRequest(rid, prompt, list(prompt_token_ids), params, lora,
+                               tenant=tenant, tenant_weight=tenant_weight)
 
     def add_prepared(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:
@@ -200,6 +204,7 @@ class Engine:
                            req.arrival_time)
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                                p.skip_special_tokens)
+            seq.tenant, seq.tenant_weight = req.tenant, req.tenant_weight
             seqs.append(seq)
         for seq in seqs:
             if req.lora is not None:
@@ -209,8 +214,10 @@ class Engine:
 
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                    lora: str | None = None) -> str:
-        req = self.prepare(prompt, params, request_id, prompt_token_ids, lora)
+                    lora: str | None = None, tenant: str | None = None,
+                    tenant_weight: float = 1.0) -> str:
+        req = self.prepare(prompt, params, request_id, prompt_token_ids, lora, tenant,
+                           tenant_weight)
         self.add_prepared(req)
         return req.request_id
 

@@ -18,7 +18,7 @@ a bounded number of steps.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING
 
 from loraplex.config import SchedulerConfig
@@ -44,6 +44,8 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self._finished_since_last: list[int] = []
         self.num_preemptions = 0
+        self.vtc: dict[str | None, float] = {}  # tenant -> tokens served / weight
+        self._live: Counter[str | None] = Counter()  # tenant -> sequences waiting or running
 
     # ---- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -54,6 +56,12 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
+        t = seq.tenant
+        if self._live[t] == 0:  # (re)joining: no credit banked while idle
+            busy = [self.vtc.get(u, 0.0) for u, n in self._live.items() if n > 0]
+            self.vtc[t] = max(self.vtc.get(t, 0.0), min(busy)) if busy else \
+                self.vtc.get(t, 0.0)
+        self._live[t] += 1
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End `seq` (stop, length or abort): frees its blocks at once. Idempotent."""
@@ -67,6 +75,9 @@ class Scheduler:
         self.bm.free(seq)
         if seq.adapter is not None and self.lora is not None:
             self.lora.unpin(seq.adapter)
+        self._live[seq.tenant] -= 1
+        if self._live[seq.tenant] <= 0:
+            del self._live[seq.tenant]
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -121,16 +132,14 @@ class Scheduler:
                 continue
             break  # `seq` preempted itself: nothing later in `running` can fit either
 
-        i = 0
-        while (not preempted and i < len(self.waiting) and budget > 0
-               and len(self.running) < self.cfg.max_num_seqs):
-            seq = self.waiting[i]
+        for seq in self._admission_order() if not preempted else []:
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
             if seq.adapter is not None and self.lora is not None \
                     and not self.lora.can_activate(seq.adapter):
                 seq.bypassed += 1
                 if seq.bypassed > self.max_bypass:
                     break  # starvation guard: admit nobody behind it until a slot frees up
-                i += 1
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.allocate(seq, seq.num_computed_tokens + num_new):
@@ -139,7 +148,7 @@ class Scheduler:
                 slot = self.lora.activate(seq.adapter)
                 assert slot is not None  # can_activate said so, and nothing ran in between
                 seq.adapter_slot = slot
-            del self.waiting[i]
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             planned.append((seq, num_new))
@@ -150,6 +159,13 @@ class Scheduler:
         rows.sort(key=lambda r: len(r.token_ids) != 1)
         finished, self._finished_since_last = self._finished_since_last, []
         return ScheduledBatch(rows=rows, finished_seq_ids=finished, preempted_seq_ids=preempted)
+
+    def _admission_order(self) -> list[Sequence]:
+        """Preempted sequences first, then lowest tenant counter, then arrival (stable sort)."""
+        if len(self._live) <= 1:
+            return list(self.waiting)  # one tenant: the queue order is already right
+        vtc = self.vtc
+        return sorted(self.waiting, key=lambda s: (s.num_preemptions == 0, vtc.get(s.tenant, 0.0)))
 
     @staticmethod
     def _row(seq: Sequence, num_new: int) -> ScheduledRow:
@@ -176,11 +192,14 @@ class Scheduler:
             seq = self.seqs.get(row.seq_id)
             if seq is not None:
                 seq.num_computed_tokens += len(row.token_ids)
+                self.vtc[seq.tenant] = self.vtc.get(seq.tenant, 0.0) \
+                    + len(row.token_ids) / seq.tenant_weight
         touched: list[Sequence] = []
         for s in sampled:
             seq = self.seqs.get(s.seq_id)
             if seq is None:  # aborted while the step ran
                 continue
+            self.vtc[seq.tenant] = self.vtc.get(seq.tenant, 0.0) + 2.0 / seq.tenant_weight
             seq.token_ids.append(s.token_id)
             if seq.logprobs is not None:
                 entry = dict(s.top_logprobs or {})

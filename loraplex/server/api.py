@@ -32,6 +32,7 @@ from loraplex.server.protocol import (
     now,
 )
 from loraplex.server.serving import OpenAIServing
+from loraplex.server.tenants import Principal, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,33 @@ class AppOptions:
     api_key: str | None = None
     enable_runtime_lora: bool = False
     max_queued_requests: int = 256
+    tenants: Tenants | None = None
 
 
 class _Guard:
     """ASGI middleware: API key on every route but /health, and a cap on body size. Keys are
-    compared in constant time and never logged."""
+    compared in constant time and never logged. With tenants, the key says who is calling: the
+    Principal goes to the routes in the request state (no tenants: None, full access)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, tenants: Tenants | None) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
+        self.tenants = tenants
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope.get("path") != "/health":
+        if (self.key is not None or self.tenants is not None) and scope.get("path") != "/health":
             auth = headers.get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, self.key):
+            if self.tenants is not None:
+                principal = self.tenants.identify(token)
+                ok = principal is not None
+                scope.setdefault("state", {})["principal"] = principal
+            else:
+                ok = hmac.compare_digest(token, self.key)
+            if not ok:
                 err = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer "
                                     "<key>').")
                 return await JSONResponse(err.body(), 401)(scope, receive, send)
@@ -78,6 +88,11 @@ class _Guard:
         return await self.app(scope, receive, send)
 
 
+def principal_of(raw: Request) -> Principal | None:
+    """Who sent `raw` (set by _Guard when tenants are configured; None = full access)."""
+    return raw.scope.get("state", {}).get("principal")
+
+
 def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     eng = engine.engine
     base = opts.served_model_names[0]
@@ -85,7 +100,7 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     if eng.lora is not None:
         eng.lora.on_load = metrics.adapter_load_seconds.observe
     resolver = AdapterResolver(engine, opts.served_model_names, opts.lora_dir)
-    serving = OpenAIServing(engine, resolver, metrics, opts.max_queued_requests)
+    serving = OpenAIServing(engine, resolver, metrics, opts.max_queued_requests, opts.tenants)
     created = now()
     runtime_lora = opts.enable_runtime_lora or runtime_lora_from_env()
 
@@ -99,7 +114,8 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=opts.api_key)
+    app.state.tenants = opts.tenants
+    app.add_middleware(_Guard, api_key=opts.api_key, tenants=opts.tenants)
 
     # ---- errors -----------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -141,20 +157,21 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     async def prom() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def cards() -> list[dict[str, Any]]:
+    def cards(who: Principal | None) -> list[dict[str, Any]]:
+        """The models `who` may use: a tenant sees only its own adapters."""
         out = [model_card(n, str(eng.model_path), None, serving.max_model_len, created)
-               for n in opts.served_model_names]
+               for n in opts.served_model_names if Tenants.may_use(who, n, is_base=True)]
         out += [model_card(a.name, str(a.path), base, serving.max_model_len, created)
-                for a in engine.list_loras()]
+                for a in engine.list_loras() if Tenants.may_use(who, a.name, is_base=False)]
         return out
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": cards()}
+    async def models(raw: Request) -> dict:
+        return {"object": "list", "data": cards(principal_of(raw))}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict:
-        for c in cards():
+    async def model(model_id: str, raw: Request) -> dict:
+        for c in cards(principal_of(raw)):
             if c["id"] == model_id:
                 return c
         raise APIError(404, f"The model `{model_id}` does not exist.", "model")
@@ -174,8 +191,14 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
         if eng.lora is None:
             raise APIError(400, "LoRA is not enabled on this server.")
 
+    def require_admin(raw: Request) -> None:
+        # Whatever the adapter name: the answer must not tell a tenant what exists.
+        if opts.tenants is not None and not getattr(principal_of(raw), "admin", False):
+            raise APIError(403, "Loading and unloading adapters needs an admin key.")
+
     @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+    async def load_lora(body: LoadLoRAAdapterRequest, raw: Request) -> PlainTextResponse:
+        require_admin(raw)
         require_runtime_lora()
         name = body.lora_name
         if resolver.is_base(name):
@@ -192,7 +215,8 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+    async def unload_lora(body: UnloadLoRAAdapterRequest, raw: Request) -> PlainTextResponse:
+        require_admin(raw)
         require_runtime_lora()
         if not await engine.remove_lora(body.lora_name):
             raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",

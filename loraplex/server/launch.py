@@ -29,6 +29,7 @@ class ServerConfig:
     lora_dir: str | None = None
     api_key: str | None = None
     enable_runtime_lora: bool = False
+    tenants_file: str | None = None  # see loraplex/server/tenants.py
     max_queued_requests: int = 256
     host: str = "127.0.0.1"
     port: int = 8000
@@ -81,9 +82,15 @@ def build(cfg: ServerConfig):
         except LoRAError as e:
             raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
         log.info("adapter %s <- %s", name, path)
+    tenants = None
+    if cfg.tenants_file is not None:
+        from loraplex.server.tenants import Tenants
+
+        tenants = Tenants.from_file(cfg.tenants_file, extra_admin_key=cfg.api_key)
+        log.info("tenants: %s", ", ".join(sorted(tenants.by_name)))
     engine = AsyncEngine(eng)
     app = build_app(engine, AppOptions(names, cfg.lora_dir, cfg.api_key, cfg.enable_runtime_lora,
-                                       cfg.max_queued_requests))
+                                       cfg.max_queued_requests, tenants))
     log.info("engine ready in %.1fs: model %s, adapters: %s", time.perf_counter() - t0,
              names[0], ", ".join(a.name for a in eng.list_loras()) or "none")
     return engine, app
@@ -94,7 +101,7 @@ def serve(cfg: ServerConfig) -> int:
 
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.host not in LOOPBACK and not cfg.api_key:
+    if cfg.host not in LOOPBACK and not cfg.api_key and not cfg.tenants_file:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use "
                     "the server", cfg.host)
     _engine, app = build(cfg)

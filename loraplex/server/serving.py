@@ -19,13 +19,14 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from loraplex.engine.async_engine import AsyncEngine, EngineDeadError
 from loraplex.engine.engine import RequestError
 from loraplex.request import CompletionOutput, RequestOutput
 from loraplex.sampling_params import SamplingParams, SamplingParamsError
 from loraplex.server.adapters import AdapterResolver
-from loraplex.server.errors import APIError
+from loraplex.server.errors import APIError, model_not_found
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import (
     MAX_PROMPTS,
@@ -37,6 +38,7 @@ from loraplex.server.protocol import (
     now,
     usage,
 )
+from loraplex.server.tenants import LimitExceeded, Principal, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,30 @@ class _Tracker:
         self.last = t
 
 
+class _Ticket:
+    """A request counted against its tenant's limits: released exactly once, when the request
+    ends however it ends (done, refused, client gone), with the tokens it used."""
+
+    def __init__(self, tenants: Tenants | None, who: Principal | None, n_prompt: int) -> None:
+        self.tenants, self.who, self.n_prompt = tenants, who, n_prompt
+        self.generated: dict[str, int] = {}  # engine request id -> tokens generated so far
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.tenants is not None:
+                self.tenants.release(self.who, self.n_prompt + sum(self.generated.values()))
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, resolver: AdapterResolver, metrics: Metrics,
-                 max_queued_requests: int) -> None:
+                 max_queued_requests: int, tenants: Tenants | None = None) -> None:
         self.engine = engine
         self.resolver = resolver
         self.metrics = metrics
         self.max_queued = max_queued_requests
+        self.tenants = tenants
         e = engine.engine
         self.tokenizer = e.tokenizer
         self.max_model_len = e.sched_config.max_model_len
@@ -79,6 +98,30 @@ class OpenAIServing:
         self.vocab_size = e.model_config.vocab_size
 
     # ---- shared steps -----------------------------------------------------------------------
+    async def _resolve(self, model: str, raw: Request) -> str | None:
+        """The adapter for `model`, if the caller may use it. Another tenant's adapter is
+        answered exactly like one that does not exist, and is never loaded on its behalf."""
+        if not Tenants.may_use(raw.scope.get("state", {}).get("principal"), model,
+                               self.resolver.is_base(model)):
+            raise model_not_found(model)
+        return await self.resolver.resolve(model)
+
+    def _ticket(self, raw: Request, n_prompt: int) -> _Ticket:
+        """Count the request against its tenant's limits (429 + Retry-After beyond them)."""
+        who = raw.scope.get("state", {}).get("principal")
+        if self.tenants is not None:
+            try:
+                self.tenants.admit(who)
+            except LimitExceeded as e:
+                self.metrics.rejected.labels("tenant_limit").inc()
+                raise APIError(429, str(e), headers={"Retry-After": str(e.retry_after)}) \
+                    from None
+        return _Ticket(self.tenants, who, n_prompt)
+
+    def _tenant_of(self, ticket: _Ticket) -> tuple[str | None, float]:
+        t = ticket.who.tenant if ticket.who is not None else None
+        return (t.name, t.weight) if t is not None else (None, 1.0)
+
     def _admit(self) -> None:
         """Bounded queue: a full batch (`max_num_seqs`) plus `max_queued_requests` waiting; beyond
         that, 429. Counted from requests in flight, so a burst is bounded before it runs."""
@@ -128,17 +171,19 @@ class OpenAIServing:
                                 "Please reduce the prompt or max_tokens.", "max_tokens")
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, lora: str | None,
-                rid: str) -> AsyncIterator[RequestOutput]:
+                rid: str, ticket: _Ticket) -> AsyncIterator[RequestOutput]:
         """Enqueue now (so the queue bound counts it); the iterator maps engine errors to API
         errors, and closing it aborts the request."""
+        tenant, weight = self._tenant_of(ticket)
         try:
-            stream = self.engine.submit(None, params, rid, prompt_ids, lora)
+            stream = self.engine.submit(None, params, rid, prompt_ids, lora, tenant, weight)
         except Exception as e:
             raise _api_error(e) from None
 
         async def outputs() -> AsyncIterator[RequestOutput]:
             try:
                 async for out in stream:
+                    ticket.generated[rid] = sum(len(c.token_ids) for c in out.outputs)
                     yield out
             except Exception as e:
                 raise _api_error(e) from None
@@ -190,7 +235,7 @@ class OpenAIServing:
 
     # ---- chat -------------------------------------------------------------------------------
     async def chat(self, r: ChatCompletionRequest, raw: Request):
-        lora = await self.resolver.resolve(r.model)
+        lora = await self._resolve(r.model, raw)
         if r.tools:
             raise APIError(400, "tools / function calling are not supported by this server.",
                            "tools")
@@ -225,12 +270,26 @@ class OpenAIServing:
         if r.top_logprobs and not r.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = self._params(r, max_tokens, len(prompt_ids), top)
-        self._admit()
-        await self.engine.prefetch(lora)
-        rid = new_id("chatcmpl")
-        stream = self._submit(prompt_ids, params, lora, rid)
+        ticket = self._ticket(raw, len(prompt_ids))
+        try:
+            return await self._chat_run(r, raw, lora, prompt_ids, params, top, ticket)
+        finally:
+            if not r.stream:
+                ticket.release()
+
+    async def _chat_run(self, r: ChatCompletionRequest, raw: Request, lora: str | None,
+                        prompt_ids: list[int], params: SamplingParams, top: int | None,
+                        ticket: _Ticket):
+        try:
+            self._admit()
+            await self.engine.prefetch(lora)
+            rid = new_id("chatcmpl")
+            stream = self._submit(prompt_ids, params, lora, rid, ticket)
+        except BaseException:
+            ticket.release()
+            raise
         if r.stream:
-            return self._sse(self._chat_stream(r, rid, stream, len(prompt_ids)))
+            return self._sse(self._chat_stream(r, rid, stream, len(prompt_ids)), ticket)
         tracker = _Tracker(self.metrics)
         outs = await self._collect([stream], raw, tracker, r.n)
         if outs is None:
@@ -304,7 +363,7 @@ class OpenAIServing:
 
     # ---- completions ------------------------------------------------------------------------
     async def completions(self, r: CompletionRequest, raw: Request):
-        lora = await self.resolver.resolve(r.model)
+        lora = await self._resolve(r.model, raw)
         if r.suffix:
             raise APIError(400, "suffix is not supported by this server.", "suffix")
         if r.best_of is not None and r.best_of != r.n:
@@ -313,20 +372,32 @@ class OpenAIServing:
         for ids in prompts:
             self._check_length(len(ids), r.max_tokens)
         params_list = [self._params(r, r.max_tokens, len(ids), r.logprobs) for ids in prompts]
-        self._admit()
-        await self.engine.prefetch(lora)
-        rid = new_id("cmpl")
+        n_prompt = sum(len(ids) for ids in prompts)
+        ticket = self._ticket(raw, n_prompt)
+        try:
+            return await self._completions_run(r, raw, lora, prompts, params_list, ticket)
+        finally:
+            if not r.stream:
+                ticket.release()
+
+    async def _completions_run(self, r: CompletionRequest, raw: Request, lora: str | None,
+                               prompts: list[list[int]], params_list: list[SamplingParams],
+                               ticket: _Ticket):
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
+            self._admit()
+            await self.engine.prefetch(lora)
+            rid = new_id("cmpl")
             for i, (ids, p) in enumerate(zip(prompts, params_list)):
-                streams.append(self._submit(ids, p, lora, f"{rid}-{i}"))
+                streams.append(self._submit(ids, p, lora, f"{rid}-{i}", ticket))
         except BaseException:
             for st in streams:
                 await st.aclose()  # type: ignore[attr-defined]
+            ticket.release()
             raise
         n_prompt = sum(len(ids) for ids in prompts)
         if r.stream:
-            return self._sse(self._completion_stream(r, rid, prompts, streams, n_prompt))
+            return self._sse(self._completion_stream(r, rid, prompts, streams, n_prompt), ticket)
         tracker = _Tracker(self.metrics)
         outs = await self._collect(streams, raw, tracker, r.n)
         if outs is None:
@@ -450,7 +521,7 @@ class OpenAIServing:
                 "text_offset": offsets}
 
     # ---- SSE --------------------------------------------------------------------------------
-    def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+    def _sse(self, events: AsyncIterator[dict], ticket: _Ticket) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for ev in events:
@@ -465,11 +536,14 @@ class OpenAIServing:
             finally:
                 with contextlib.suppress(Exception):
                     await events.aclose()  # type: ignore[attr-defined]
+                ticket.release()
             yield b"data: [DONE]\n\n"
 
+        # The background task releases the ticket too (idempotent) if the body never ran.
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+                                          "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(ticket.release))
 
 
 def _api_error(e: Exception) -> Exception:
