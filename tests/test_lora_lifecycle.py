@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from lora_helpers import make_peft_adapter
 
 from loraplex import LLM, SamplingParams
 from loraplex.engine.engine import RequestError
+from loraplex.lora.buffers import BufferPool
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -161,6 +163,8 @@ def test_cpu_tier_keeps_at_most_max_cpu_loras_and_reloads(setup):
     # too; the second round finds all six pinned, and pinned copies are never dropped
     assert eng.lora.stats["cpu_misses"] == 6 and eng.lora.stats["cpu_hits"] == 6
     assert eng.lora.num_cpu_copies == 6
+    # reloads read into the file buffers of dropped copies (checked against the reference below)
+    assert eng.lora.buffers.reused >= 3
     got = _run(eng, rids)
     for n in set(names):
         idx = [i for i, m in enumerate(names) if m == n]
@@ -169,6 +173,31 @@ def test_cpu_tier_keeps_at_most_max_cpu_loras_and_reloads(setup):
     eng.add_request(None, GREEDY, prompt_token_ids=[5, 6, 7], lora="a0")
     _run(eng, [])
     assert eng.lora.num_cpu_copies == 3 and eng.lora.num_pinned == 0
+
+
+def test_buffer_pool_never_recycles_a_buffer_still_viewed():
+    pool = BufferPool(max_buffers=2)
+    buf = pool.take(1 << 20)
+    # as the adapter reader does: tensors through one memoryview, which they keep alive
+    view = torch.frombuffer(memoryview(buf), dtype=torch.float32)[4:8].view(2, 2)
+    assert not pool.give(buf)  # a tensor still reads it
+    del view
+    assert pool.give(buf) and pool.take(1_000_000) is buf  # best fit, a little larger is fine
+    pool.give(buf)
+    assert pool.take(100_000) is not buf  # ten times the size asked: not handed out
+
+
+def test_dropped_copy_held_by_a_caller_is_not_overwritten(setup):
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=1, max_cpu_loras=1,
+              max_lora_rank=8)
+    ad = llm.add_lora("a0", str(paths["a0"]))
+    held = next(iter(ad.modules.values())).a  # a view of a0's file buffer
+    before = held.clone()
+    for n in ("a1", "a2", "a3"):  # each load drops the previous copy
+        llm.add_lora(n, str(paths[n]))
+    assert ad.modules is None and torch.equal(held, before)
+    assert llm.engine.lora.buffers.reused >= 1  # the buffers nobody holds are reused
 
 
 def test_max_cpu_loras_below_max_loras_is_refused(setup):

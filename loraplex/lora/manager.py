@@ -27,6 +27,7 @@ import torch
 
 from loraplex.config import ConfigError, ModelConfig
 from loraplex.lora.adapter import PROJECTIONS, LoRAAdapter, LoRAError, load_adapter
+from loraplex.lora.buffers import BufferPool
 from loraplex.lora.ops import LoRASlots
 from loraplex.model.layers import Linear
 
@@ -77,6 +78,7 @@ class LoRAManager:
         self.stats = Counter()
         self.load_seconds: deque[float] = deque(maxlen=4096)  # the latest cold loads
         self.on_load: Callable[[float], None] | None = None  # e.g. a metrics histogram
+        self.buffers = BufferPool()  # file buffers of dropped CPU copies, for the next load
 
     # ---- registry ---------------------------------------------------------------------------
     def add_lora(self, name: str, path: str | Path) -> LoRAAdapter:
@@ -102,7 +104,7 @@ class LoRAManager:
     def _load(self, name: str, path: str | Path) -> LoRAAdapter:
         t0 = time.perf_counter()
         ad = load_adapter(name, path, self.base, self.cfg.max_lora_rank, self.dtype,
-                          self.cfg.allow_pickle)
+                          self.cfg.allow_pickle, self.buffers.take, self.buffers.give)
         self.load_seconds.append(time.perf_counter() - t0)
         self.stats["loads"] += 1
         if self.on_load is not None:
@@ -122,7 +124,7 @@ class LoRAManager:
                 break
             if self._users[k] == 0 and k != key:
                 del self._cpu_lru[k]
-                self._versions[k].modules = None
+                self._drop_copy(self._versions[k])
                 self.stats["cpu_evictions"] += 1
 
     @property
@@ -147,12 +149,21 @@ class LoRAManager:
         if self._users[key] > 0 or (self._current.get(key[0], None) is not None and \
                 self._current[key[0]].version == key[1]):
             return
-        self._versions.pop(key, None)
+        ad = self._versions.pop(key, None)
         self._cpu_lru.pop(key, None)
         slot = self._slot_of.pop(key, None)
         if slot is not None:
             self._clear_slot(slot)
             self._free_slots.append(slot)
+        if ad is not None:
+            self._drop_copy(ad)
+
+    def _drop_copy(self, ad: LoRAAdapter) -> None:
+        """Forget a CPU copy; its file buffer goes to the pool if nothing views it any more
+        (a caller still holding a module keeps the buffer alive, and it is simply not reused)."""
+        ad.modules = None
+        raw, ad.raw = ad.raw, None
+        self.buffers.give(raw)
 
     def needs_reload(self, name: str) -> LoRAAdapter | None:
         """The current version of `name` if its CPU copy was dropped (a pin would read disk)."""
@@ -164,8 +175,10 @@ class LoRAManager:
         copy of another version (the name was re-added meanwhile) is ignored."""
         ad = self._current.get(fresh.name)
         if ad is not None and ad.modules is None and ad.version == fresh.version:
-            ad.modules = fresh.modules
+            ad.modules, ad.raw = fresh.modules, fresh.raw
             self.stats["cpu_misses"] += 1  # a miss served off the step path
+        else:
+            self._drop_copy(fresh)
 
     # ---- request lifetime -------------------------------------------------------------------
     def pin(self, name: str) -> AdapterKey:
@@ -183,7 +196,7 @@ class LoRAManager:
                 self._maybe_drop((name, ad.version))
                 ad = fresh
             else:
-                ad.modules = fresh.modules
+                ad.modules, ad.raw = fresh.modules, fresh.raw
         else:
             self.stats["cpu_hits"] += 1
         key = (name, ad.version)
