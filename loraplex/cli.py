@@ -134,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY")
         or os.environ.get("VLLM_API_KEY") or None,
         enable_runtime_lora=args.enable_runtime_lora, tenants_file=args.tenants,
-        max_queued_requests=args.max_queued_requests, host=args.host, port=args.port,
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        host=args.host, port=args.port,
         demo_adapters=False if args.no_demo_adapters else None,
         drain_timeout=args.drain_timeout, log_level=args.log_level)
     return serve(cfg)
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     g.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests waiting beyond the running batch before 429")
+    g.add_argument("--max-queued-tokens", type=int, default=1 << 21,
+                   help="tokens of accepted work (prompt + max_tokens, per sequence) beyond what "
+                        "the KV cache holds at once, before 429")
     g.add_argument("--no-demo-adapters", action="store_true",
                    help="with the embedded model, do not load the bundled demo adapters")
     g.add_argument("--drain-timeout", type=float, default=30.0,

@@ -127,6 +127,41 @@ def test_queue_full_gets_429_and_admitted_requests_complete(tiny, tiny_adapter):
         server.stop()
 
 
+def test_queue_is_bounded_in_tokens_too(tiny):
+    # KV cache: 8 blocks x 16 = 128 tokens. Each request is 2 prompt + 100 new tokens = 102
+    # tokens of work; 150 tokens may queue beyond the cache, so at most 2 requests are in
+    # flight however many requests the request bound would still let in.
+    cfg = ServerConfig(engine=EngineConfig(model=str(tiny), max_num_seqs=4, max_model_len=128,
+                                           num_kv_blocks=8, enable_lora=False),
+                       max_queued_requests=64, max_queued_tokens=150)
+    server = LiveServer(cfg)
+    try:
+        assert server.app.state.serving.kv_tokens == 128
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                return await asyncio.gather(*[c.post("/v1/completions", json={
+                    "model": server.app.state.metrics.model_name, "prompt": f"p{i}",
+                    "max_tokens": 100, "ignore_eos": True}) for i in range(10)])
+
+        rs = asyncio.run(burst())
+        ok = [r for r in rs if r.status_code == 200]
+        full = [r for r in rs if r.status_code == 429]
+        assert len(ok) + len(full) == 10 and 2 <= len(ok) < 10
+        for r in ok:
+            assert r.json()["usage"]["completion_tokens"] == 100
+        for r in full:
+            assert r.headers["Retry-After"] == "1" and "tokens of work" in \
+                r.json()["error"]["message"]
+        server.wait_idle()
+        assert server.app.state.serving.tokens_in_flight == 0  # every ticket gave its share back
+        text = httpx.get(server.url + "/metrics").text
+        assert f'loraplex_requests_rejected_total{{reason="queue_tokens"}} {float(len(full))}' \
+            in text
+    finally:
+        server.stop()
+
+
 def test_health_and_metrics_names(tiny, tiny_adapter):
     server = LiveServer(ServerConfig(engine=EngineConfig(model=str(tiny), max_model_len=512,
                                                          enable_lora=True),

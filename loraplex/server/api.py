@@ -51,6 +51,7 @@ class AppOptions:
     api_key: str | None = None
     enable_runtime_lora: bool = False
     max_queued_requests: int = 256
+    max_queued_tokens: int = 1 << 21
     tenants: Tenants | None = None
 
 
@@ -100,7 +101,8 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     if eng.lora is not None:
         eng.lora.on_load = metrics.adapter_load_seconds.observe
     resolver = AdapterResolver(engine, opts.served_model_names, opts.lora_dir)
-    serving = OpenAIServing(engine, resolver, metrics, opts.max_queued_requests, opts.tenants)
+    serving = OpenAIServing(engine, resolver, metrics, opts.max_queued_requests, opts.tenants,
+                            opts.max_queued_tokens)
     created = now()
     runtime_lora = opts.enable_runtime_lora or runtime_lora_from_env()
 
@@ -114,6 +116,7 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.serving = serving
     app.state.tenants = opts.tenants
     app.add_middleware(_Guard, api_key=opts.api_key, tenants=opts.tenants)
 

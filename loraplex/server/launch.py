@@ -31,6 +31,7 @@ class ServerConfig:
     enable_runtime_lora: bool = False
     tenants_file: str | None = None  # see loraplex/server/tenants.py
     max_queued_requests: int = 256
+    max_queued_tokens: int = 1 << 21
     host: str = "127.0.0.1"
     port: int = 8000
     # None: the demo adapters are served when the model is the embedded default.
@@ -43,6 +44,8 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.max_queued_requests < 1:
             raise ConfigError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.max_queued_tokens < 1:
+            raise ConfigError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
             raise ConfigError(f"--lora-dir {self.lora_dir} is not a folder")
         names = [n for n, _ in self.lora_modules]
@@ -90,7 +93,8 @@ def build(cfg: ServerConfig):
         log.info("tenants: %s", ", ".join(sorted(tenants.by_name)))
     engine = AsyncEngine(eng)
     app = build_app(engine, AppOptions(names, cfg.lora_dir, cfg.api_key, cfg.enable_runtime_lora,
-                                       cfg.max_queued_requests, tenants))
+                                       cfg.max_queued_requests, tenants=tenants,
+                                       max_queued_tokens=cfg.max_queued_tokens))
     log.info("engine ready in %.1fs: model %s, adapters: %s", time.perf_counter() - t0,
              names[0], ", ".join(a.name for a in eng.list_loras()) or "none")
     return engine, app

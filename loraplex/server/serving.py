@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,27 +75,35 @@ class _Ticket:
         self.tenants, self.who, self.n_prompt = tenants, who, n_prompt
         self.generated: dict[str, int] = {}  # engine request id -> tokens generated so far
         self.released = False
+        self.on_release: Callable[[], None] | None = None  # e.g. give back queued tokens
 
     def release(self) -> None:
         if not self.released:
             self.released = True
+            if self.on_release is not None:
+                self.on_release()
             if self.tenants is not None:
                 self.tenants.release(self.who, self.n_prompt + sum(self.generated.values()))
 
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, resolver: AdapterResolver, metrics: Metrics,
-                 max_queued_requests: int, tenants: Tenants | None = None) -> None:
+                 max_queued_requests: int, tenants: Tenants | None = None,
+                 max_queued_tokens: int = 1 << 21) -> None:
         self.engine = engine
         self.resolver = resolver
         self.metrics = metrics
         self.max_queued = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
+        self.tokens_in_flight = 0  # prompt + max_tokens of every admitted, unfinished request
         self.tenants = tenants
         e = engine.engine
         self.tokenizer = e.tokenizer
         self.max_model_len = e.sched_config.max_model_len
         self.max_num_seqs = e.sched_config.max_num_seqs
         self.vocab_size = e.model_config.vocab_size
+        # what the running batch can hold at once; accepted work beyond it is queued work
+        self.kv_tokens = e.block_manager.num_blocks * e.block_manager.block_size
 
     # ---- shared steps -----------------------------------------------------------------------
     async def _resolve(self, model: str, raw: Request) -> str | None:
@@ -122,14 +130,31 @@ class OpenAIServing:
         t = ticket.who.tenant if ticket.who is not None else None
         return (t.name, t.weight) if t is not None else (None, 1.0)
 
-    def _admit(self) -> None:
-        """Bounded queue: a full batch (`max_num_seqs`) plus `max_queued_requests` waiting; beyond
-        that, 429. Counted from requests in flight, so a burst is bounded before it runs."""
+    def _admit(self, ticket: _Ticket, params: list[SamplingParams], prompt_lens: list[int]
+               ) -> None:
+        """Bounded queue, in requests and in tokens; beyond either bound, 429 + Retry-After.
+        Requests: a full batch (`max_num_seqs`) plus `max_queued_requests` waiting. Tokens: the
+        work accepted but unfinished (prompt + max_tokens of each sequence) may exceed what the
+        KV cache holds at once by `max_queued_tokens`; with nothing in flight a request always
+        gets in (it is bounded by the context length anyway). Counted at admission, so a burst
+        is bounded before it runs; the ticket gives the tokens back when the request ends."""
         waiting = self.engine.num_in_flight - self.max_num_seqs
         if waiting >= self.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"The server is at capacity ({waiting} requests waiting); "
                                 "retry later.", headers={"Retry-After": "1"})
+        work = sum((n + p.max_tokens) * p.n for n, p in zip(prompt_lens, params))
+        queued = self.tokens_in_flight + work - self.kv_tokens
+        if self.tokens_in_flight > 0 and queued > self.max_queued_tokens:
+            self.metrics.rejected.labels("queue_tokens").inc()
+            raise APIError(429, f"The server is at capacity ({self.tokens_in_flight} tokens of "
+                                "work accepted); retry later.", headers={"Retry-After": "1"})
+        self.tokens_in_flight += work
+
+        def give_back() -> None:
+            self.tokens_in_flight -= work
+
+        ticket.on_release = give_back
 
     def _params(self, r: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                 n_prompt: int, logprobs: int | None) -> SamplingParams:
@@ -281,7 +306,7 @@ class OpenAIServing:
                         prompt_ids: list[int], params: SamplingParams, top: int | None,
                         ticket: _Ticket):
         try:
-            self._admit()
+            self._admit(ticket, [params], [len(prompt_ids)])
             await self.engine.prefetch(lora)
             rid = new_id("chatcmpl")
             stream = self._submit(prompt_ids, params, lora, rid, ticket)
@@ -385,7 +410,7 @@ class OpenAIServing:
                                ticket: _Ticket):
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
-            self._admit()
+            self._admit(ticket, params_list, [len(ids) for ids in prompts])
             await self.engine.prefetch(lora)
             rid = new_id("cmpl")
             for i, (ids, p) in enumerate(zip(prompts, params_list)):
