@@ -29,36 +29,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loraplex.bench.adapters import write_adapter
+
 from roofline import measure_gemm_peak, measure_mem_bandwidth
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lora.json"
-PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-        "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def write_adapter(out: Path, cfg, rank: int, seed: int) -> Path:
-    """A PEFT-format folder (the layout and config PEFT writes) with random A and B."""
-    from loraplex.lora.adapter import projection_shape
-
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for proj, part in PROJ.items():
-            fin, fout = projection_shape(cfg, proj)
-            key = f"base_model.model.model.layers.{layer}.{part}.{proj}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.01
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": list(PROJ), "lora_dropout": 0.0, "bias": "none",
-        "use_rslora": False, "use_dora": False}))
-    return out
 
 
 def pcts(seconds: list[float]) -> dict:

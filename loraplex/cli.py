@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None)
+    sub.add_parser("bench", help="serving benchmarks: `bench serve` (load generator), "
+                                 "`bench sweep` (adapters x concurrency, baselines, plots)",
+                   add_help=False)
     s = sub.add_parser("serve", help="OpenAI-compatible multi-LoRA server")
     s.add_argument("--config", default=None,
                    help="YAML file of flag: value (command-line flags override it)")
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv is None:
             argv = sys.argv[1:]
+        if argv and argv[0] == "bench":
+            from loraplex.bench.cli import main as bench_main
+
+            return bench_main(argv[1:])
         if argv and argv[0] == "serve":
             apply_config_file(s, argv[1:])
         args = parser.parse_args(argv)

@@ -1,0 +1,100 @@
+"""PNG plots of a sweep (matplotlib, headless): throughput and p99 TTFT against the number of
+distinct adapters, and the LoRA tax (throughput relative to the base alone), each with the
+machine's roofline: the decode ceilings set by memory bandwidth and by the GEMM peak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_sweep(r: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = r["points"]
+    cs = sorted({p["concurrency"] for p in pts})
+    m = r["machine"]
+    files = []
+
+    def series(c: int, key: str):
+        rows = sorted((p for p in pts if p["concurrency"] == c and p["adapters"]),
+                      key=lambda p: p["adapters"])
+        return [p["adapters"] for p in rows], [p[key] for p in rows], rows
+
+    # 1. throughput vs adapters, base as a dashed line, roofline ceilings dotted
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, c in enumerate(cs):
+        color = f"C{i}"
+        xs, ys, rows = series(c, "output_throughput")
+        ax.plot(xs, ys, "o-", color=color, label=f"loraplex, {c} concurrent")
+        base = next(p for p in pts if p["concurrency"] == c and not p["adapters"])
+        ax.axhline(base["output_throughput"], color=color, ls="--", lw=1,
+                   label=f"base model alone, {c} concurrent")
+        ax.plot(xs, [p["bandwidth_ceiling_tok_s"] for p in rows], ":", color=color, lw=1,
+                label=f"memory-bandwidth ceiling ({m['read_bandwidth_gbps']:.0f} GB/s), {c}")
+    top_rows = series(cs[-1], "output_throughput")[2]
+    ax.plot([p["adapters"] for p in top_rows], [p["gemm_ceiling_tok_s"] for p in top_rows],
+            "-.", color="gray", lw=1,
+            label=f"GEMM-peak ceiling ({m['gemm_peak_gflops']:.0f} GFLOP/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("distinct adapters in the workload")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput vs number of adapters")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    files.append(_save(fig, out / "throughput_vs_adapters.png"))
+
+    # 2. p99 TTFT vs adapters
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, c in enumerate(cs):
+        rows = sorted((p for p in pts if p["concurrency"] == c and p["adapters"]),
+                      key=lambda p: p["adapters"])
+        ax.plot([p["adapters"] for p in rows], [p["ttft_ms"]["p99"] for p in rows], "o-",
+                color=f"C{i}", label=f"p99 TTFT, {c} concurrent")
+        ax.plot([p["adapters"] for p in rows], [p["ttft_ms"]["p50"] for p in rows], "x--",
+                color=f"C{i}", lw=1, label=f"p50 TTFT, {c} concurrent")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("distinct adapters in the workload")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title(f"TTFT vs number of adapters ({r['config']['max_loras']} device slots, "
+                 f"{r['config']['max_cpu_loras']} CPU copies)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    files.append(_save(fig, out / "ttft_vs_adapters.png"))
+
+    # 3. LoRA tax: throughput relative to the base, with the bandwidth floor's best ratio
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, c in enumerate(cs):
+        rows = sorted((p for p in pts if p["concurrency"] == c and p["adapters"]),
+                      key=lambda p: p["adapters"])
+        base = next(p for p in pts if p["concurrency"] == c and not p["adapters"])
+        xs = [p["adapters"] for p in rows]
+        ax.plot(xs, [p["vs_base"] for p in rows], "o-", color=f"C{i}",
+                label=f"loraplex / base, {c} concurrent")
+        # if the base ran at its measured speed and LoRA cost only its adapter bytes
+        best = [p["bandwidth_ceiling_tok_s"] / base["bandwidth_ceiling_tok_s"] for p in rows]
+        ax.plot(xs, best, ":", color=f"C{i}", lw=1,
+                label=f"bandwidth floor (adapter bytes per step), {c}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("distinct adapters in the workload")
+    ax.set_ylabel("throughput relative to the base model alone")
+    ax.set_title("LoRA tax")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    files.append(_save(fig, out / "lora_tax.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)
