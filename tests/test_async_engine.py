@@ -103,3 +103,38 @@ def test_n_completions_and_stop_reason(engine):
     assert [c.index for c in final.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 and c.finish_reason == "length" for c in final.outputs)
     assert len({tuple(c.token_ids) for c in final.outputs}) > 1
+
+
+def test_acceptance_comes_before_outputs_and_refusals_come_there(tiny_model_factory,
+                                                                   tmp_path):
+    """`accepted()` settles once the step thread has taken the request: it raises when the
+    adapter was removed between the request's submission and its admission (the server then
+    answers 404 instead of a 200 stream holding an error), and returns when it got in."""
+    from lora_helpers import make_peft_adapter
+
+    base = tiny_model_factory("llama")
+    eng = AsyncEngine.from_config(EngineConfig(model=str(base), max_model_len=128,
+                                               enable_lora=True))
+    eng.engine.add_lora("a", str(make_peft_adapter(base, tmp_path / "a", seed=5, r=4,
+                                                   lora_alpha=8, target_modules=["q_proj"])))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def go():
+        ok = eng.submit(None, params, prompt_token_ids=[5, 6, 7], lora="a")
+        await ok.accepted()
+        assert len([o async for o in ok]) == 3
+        # Hold the step thread off until the removal and the request are both queued: in its
+        # next round it runs the removal first, then meets the request for a missing adapter.
+        with eng._cv:
+            removed = asyncio.get_running_loop().create_future()
+            eng._calls.append((lambda e: e.remove_lora("a"), removed))
+            late = eng.submit(None, params, prompt_token_ids=[5, 6, 7], lora="a")
+        with pytest.raises(RequestError, match="does not exist"):
+            await late.accepted()
+        assert await removed is True
+        assert eng.num_in_flight == 0 and eng.engine.lora.num_pinned == 0
+
+    try:
+        asyncio.run(go())
+    finally:
+        eng.shutdown()

@@ -36,17 +36,30 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    # Settled by the step thread once the engine has taken the request (result None) or
+    # refused it (result: the exception; a result, not set_exception, so that nobody has to
+    # retrieve it). Lets a server refuse with a status code before committing to a 200.
+    accepted: asyncio.Future
 
 
 class RequestStream:
     """The outputs of one submitted request. Closing it (or dropping it) before the request
     finishes aborts the request, freeing its KV blocks and adapter pin."""
 
-    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+    def __init__(self, owner: AsyncEngine, request_id: str, stream: _Stream) -> None:
         self._owner = owner
         self.request_id = request_id
-        self._queue = queue
+        self._queue = stream.queue
+        self._accepted = stream.accepted
         self._done = False
+
+    async def accepted(self) -> None:
+        """Return once the engine has taken the request (its adapter version pinned, so it can
+        no longer vanish under it); raise what refused it otherwise."""
+        error = await asyncio.shield(self._accepted)
+        if error is not None:
+            self._done = True
+            raise error
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -102,7 +115,8 @@ class AsyncEngine:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         req = self.engine.prepare(prompt, params, request_id, prompt_token_ids, lora, tenant,
                                   tenant_weight)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
         with self._cv:
             if self._stopping:
                 raise EngineDeadError("engine is shutting down")
@@ -111,7 +125,7 @@ class AsyncEngine:
             self._streams[req.request_id] = stream
             self._adds.append((req, stream))
             self._cv.notify()
-        return RequestStream(self, req.request_id, stream.queue)
+        return RequestStream(self, req.request_id, stream)
 
     async def prefetch(self, lora: str | None) -> None:
         """If `lora`'s CPU copy was dropped, read it back on a worker thread now, so admitting
@@ -215,12 +229,15 @@ class AsyncEngine:
                     result, error = None, e
                 self._resolve(fut, result, error)
             # Adds before aborts: an abort may target a request added in this same round.
-            for req, _ in adds:
+            for req, stream in adds:
                 try:
                     eng.add_prepared(req)
-                except Exception as e:  # refused by the scheduler (e.g. does not fit the cache)
-                    with self._cv:
+                except Exception as e:  # refused (adapter gone, does not fit the cache, ...)
+                    with self._cv:  # no longer in flight before anyone hears of the refusal
                         self._deliver(req.request_id, e)
+                    self._resolve(stream.accepted, e, None)
+                else:
+                    self._resolve(stream.accepted, None, None)
             for rid in aborts:
                 eng.abort_request(rid)
                 with self._cv:

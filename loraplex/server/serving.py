@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from loraplex.engine.async_engine import AsyncEngine, EngineDeadError
+from loraplex.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from loraplex.engine.engine import RequestError
 from loraplex.request import CompletionOutput, RequestOutput
 from loraplex.sampling_params import SamplingParams, SamplingParamsError
@@ -84,6 +84,40 @@ class _Ticket:
                 self.on_release()
             if self.tenants is not None:
                 self.tenants.release(self.who, self.n_prompt + sum(self.generated.values()))
+
+
+class _Outputs:
+    """One engine request's outputs as the routes consume them: engine errors become API
+    errors, the ticket counts generated tokens, closing aborts the request."""
+
+    def __init__(self, stream: RequestStream, ticket: _Ticket) -> None:
+        self.stream, self.ticket = stream, ticket
+
+    async def accepted(self) -> None:
+        """Wait until the engine has taken the request. Streams await this before their 200
+        goes out, so an adapter unloaded between resolution and admission is still a 404."""
+        try:
+            await self.stream.accepted()
+        except Exception as e:
+            raise _api_error(e) from None
+
+    def __aiter__(self) -> _Outputs:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            out = await self.stream.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as e:
+            self.stream.close()
+            raise _api_error(e) from None
+        self.ticket.generated[self.stream.request_id] = sum(len(c.token_ids)
+                                                            for c in out.outputs)
+        return out
+
+    async def aclose(self) -> None:
+        self.stream.close()
 
 
 class OpenAIServing:
@@ -196,7 +230,7 @@ class OpenAIServing:
                                 "Please reduce the prompt or max_tokens.", "max_tokens")
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, lora: str | None,
-                rid: str, ticket: _Ticket) -> AsyncIterator[RequestOutput]:
+                rid: str, ticket: _Ticket) -> _Outputs:
         """Enqueue now (so the queue bound counts it); the iterator maps engine errors to API
         errors, and closing it aborts the request."""
         tenant, weight = self._tenant_of(ticket)
@@ -204,18 +238,7 @@ class OpenAIServing:
             stream = self.engine.submit(None, params, rid, prompt_ids, lora, tenant, weight)
         except Exception as e:
             raise _api_error(e) from None
-
-        async def outputs() -> AsyncIterator[RequestOutput]:
-            try:
-                async for out in stream:
-                    ticket.generated[rid] = sum(len(c.token_ids) for c in out.outputs)
-                    yield out
-            except Exception as e:
-                raise _api_error(e) from None
-            finally:
-                stream.close()
-
-        return outputs()
+        return _Outputs(stream, ticket)
 
     async def _collect(self, streams: list[AsyncIterator[RequestOutput]], raw: Request,
                        tracker: _Tracker, n: int) -> list[RequestOutput] | None:
@@ -310,6 +333,11 @@ class OpenAIServing:
             await self.engine.prefetch(lora)
             rid = new_id("chatcmpl")
             stream = self._submit(prompt_ids, params, lora, rid, ticket)
+            try:
+                await stream.accepted()
+            except BaseException:
+                await stream.aclose()
+                raise
         except BaseException:
             ticket.release()
             raise
@@ -408,13 +436,15 @@ class OpenAIServing:
     async def _completions_run(self, r: CompletionRequest, raw: Request, lora: str | None,
                                prompts: list[list[int]], params_list: list[SamplingParams],
                                ticket: _Ticket):
-        streams: list[AsyncIterator[RequestOutput]] = []
+        streams: list[_Outputs] = []
         try:
             self._admit(ticket, params_list, [len(ids) for ids in prompts])
             await self.engine.prefetch(lora)
             rid = new_id("cmpl")
             for i, (ids, p) in enumerate(zip(prompts, params_list)):
                 streams.append(self._submit(ids, p, lora, f"{rid}-{i}", ticket))
+            for st in streams:
+                await st.accepted()
         except BaseException:
             for st in streams:
                 await st.aclose()  # type: ignore[attr-defined]
