@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from loraplex.bench.loadgen import Lengths
+from loraplex.bench.loadgen import WORDS, Lengths
 
 
 def _rss_mb() -> float:
@@ -147,16 +147,22 @@ def llama_cpp_single(model: str | None, adapter: Path, output_len: Lengths,
     threads = threads or os.cpu_count() or 1
     new, p_len = int(output_len.a), int(prompt_len.a)
 
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(p_len))
+
+    def timed(llm, n: int) -> float:
+        llm.reset()  # no prompt reuse between runs: each one prefills
+        t0 = time.perf_counter()
+        r = llm.create_completion(prompt, max_tokens=n, temperature=0.0,
+                                  logit_bias={llm.token_eos(): -1e9})
+        dt = time.perf_counter() - t0
+        if r["usage"]["completion_tokens"] != n:
+            raise RuntimeError(f"llama.cpp generated {r['usage']['completion_tokens']} of {n}")
+        return dt
+
     def decode_rate(llm) -> float:
-        eos = llm.token_eos()
-        prompt = list(range(100, 100 + p_len))
-        times = []
-        for _chunk in llm.create_completion(prompt, max_tokens=new, temperature=0.0,
-                                            logit_bias={eos: -1e9}, stream=True):
-            times.append(time.perf_counter())
-        if len(times) < 2:
-            return float("nan")
-        return (len(times) - 1) / (times[-1] - times[0])
+        """Decode tokens/s: (n - 1) extra tokens over the time they add to a 1-token run
+        (streamed chunk times are not token times: llama-cpp-python holds text back)."""
+        return (new - 1) / (timed(llm, new) - timed(llm, 1))
 
     out: dict = {"gguf": str(gguf_path), "threads": threads, "output_len": new}
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_ctx=1024,

@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--baselines", default="peft,merged,llama_cpp",
                    help="comma list of peft, merged, llama_cpp ('' for none)")
     w.add_argument("--adapter-dir", type=Path, default=None,
-                   help="where the adapters are written (default OUT/adapters; reused)")
+                   help="where the adapters are written (default: the user cache, "
+                        "~/.cache/loraplex/bench-adapters/<model>; reused by later sweeps)")
     w.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 and 4 adapters, concurrency 2, short requests")
     w.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -44,7 +44,7 @@ class SweepConfig:
     max_cpu_loras: int = 128
     max_num_seqs: int = 64
     baselines: list[str] = field(default_factory=lambda: ["peft", "merged", "llama_cpp"])
-    adapter_dir: Path | None = None  # default: <out>/adapters
+    adapter_dir: Path | None = None  # default: the user cache (GBs: never next to the results)
     gemm_n: int = 2048
     bandwidth_mb: int = 768
     port: int | None = None
@@ -177,7 +177,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     folder = model_folder(cfg.model)
     mcfg = ModelConfig.from_folder(folder)
-    adapter_dir = cfg.adapter_dir or cfg.out / "adapters"
+    if cfg.adapter_dir is None:
+        from loraplex.model.gguf_convert import cache_root
+
+        adapter_dir = cache_root() / "bench-adapters" / folder.name
+    else:
+        adapter_dir = cfg.adapter_dir
     n_max = max(cfg.adapters)
     print(f"writing {n_max} adapters (r={cfg.rank}, {len(cfg.targets)} projections, "
           f"{min(n_max, cfg.distinct_weights)} distinct weight files) to {adapter_dir} ...",
@@ -234,6 +239,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         print(f"plots skipped: {e} (pip install matplotlib)")
         result["plots"] = []
     (cfg.out / "sweep.json").write_text(json.dumps(result, indent=2))
+    (cfg.out / "report.md").write_text(report_markdown(result))
     print_headline(result)
     print(f"wrote {cfg.out / 'sweep.json'} in {result['wall_s']:.0f} s")
     return result
@@ -342,3 +348,68 @@ def print_headline(r: dict) -> None:
     m = r["memory"]
     print(f"memory: +{m['rss_per_adapter_mb']:.1f} MB RSS per resident adapter "
           f"({m['adapter_file_mb']:.1f} MB file)")
+
+
+def report_markdown(r: dict) -> str:
+    """The sweep as Markdown tables (what benchmarks/RESULTS.md shows)."""
+    m, mem, b = r["machine"], r["memory"], r["baselines"]
+    cfg = r["config"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['logical_cpus']} CPUs, torch {m['torch_version']}; measured "
+        f"now: GEMM peak **{m['gemm_peak_gflops']:.0f} GFLOP/s**, memory read bandwidth "
+        f"**{m['read_bandwidth_gbps']:.1f} GB/s**.",
+        f"Server: `--dtype {cfg['dtype']} --max-loras {cfg['max_loras']} --max-cpu-loras "
+        f"{cfg['max_cpu_loras']} --max-num-seqs {cfg['max_num_seqs']}`; adapters r={cfg['rank']} "
+        f"on {len(cfg['targets'])} projections ({r['adapter_bytes'] / 1e6:.1f} MB each), "
+        f"served from `--lora-dir`; requests of {cfg['prompt_len']} prompt words and "
+        f"{cfg['output_len']} output tokens, {cfg['requests_per_client']} per client, closed "
+        f"loop, {cfg['popularity']} popularity. Sweep wall time {r['wall_s'] / 60:.1f} min.",
+        "",
+        "| concurrency | adapters | output tok/s | vs base | p50 / p99 TTFT ms | p50 ITL ms | "
+        "adapter loads | bandwidth ceiling (fraction) | GEMM ceiling (fraction) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["points"]:
+        lines.append(
+            f"| {p['concurrency']} | {p['adapters'] or 'base'} | {p['output_throughput']:.1f} | "
+            f"{p['vs_base']:.3f}x | {p['ttft_ms']['p50']:.0f} / {p['ttft_ms']['p99']:.0f} | "
+            f"{p['itl_ms']['p50']:.1f} | {p['adapter_loads']:.0f} | "
+            f"{p['bandwidth_ceiling_tok_s']:.0f} ({p['bandwidth_fraction']:.0%}) | "
+            f"{p['gemm_ceiling_tok_s']:.0f} ({p['gemm_fraction']:.0%}) |")
+    s = r["single_stream"]
+    lines += ["", f"Single stream (time per output token, p50): base "
+              f"{s['base']['tpot_ms']['p50']:.1f} ms, with an adapter "
+              f"{s['adapter']['tpot_ms']['p50']:.1f} ms.",
+              "", f"Memory: **{mem['rss_per_adapter_mb']:.1f} MB of server RSS per resident "
+              f"adapter** ({mem['resident_adapters']} resident; file "
+              f"{mem['adapter_file_mb']:.1f} MB).", ""]
+    if "peft" in b:
+        x = b["peft"]
+        lines.append("- transformers + PEFT mixed-adapter batch: " + (
+            f"skipped ({x['skipped']})" if x.get("skipped") else
+            f"{x['tok_s']:.1f} tok/s ({x['requests']} requests over {x['adapters']} adapters, "
+            f"{x['output_len']} tokens, one batch) vs loraplex {x['loraplex_tok_s']:.1f} tok/s "
+            f"(concurrency {x['loraplex_point']['concurrency']}, "
+            f"{x['loraplex_point']['adapters']} adapters) = **{x['ratio']:.1f}x**"))
+    if "merged" in b:
+        x = b["merged"]
+        lines.append("- one merged model per adapter: " + (
+            f"skipped ({x['skipped']})" if x.get("skipped") else
+            f"{x['merged_mb_per_adapter']:.0f} MB RSS per adapter (the model's parameters are "
+            f"{x['model_param_mb']:.0f} MB) vs loraplex {mem['rss_per_adapter_mb']:.1f} MB = "
+            f"**{x['merged_mb_per_adapter'] / mem['rss_per_adapter_mb']:.0f}x less memory**"))
+    if "llama_cpp" in b:
+        x = b["llama_cpp"]
+        if x.get("skipped"):
+            lines.append(f"- llama-cpp-python: skipped ({x['skipped']})")
+        else:
+            t = (f"- llama-cpp-python on the GGUF (its Q4_1 weights, {x['threads']} threads), "
+                 f"one stream: {x['tok_s']:.1f} tok/s vs loraplex (fp32 weights) "
+                 f"{x['loraplex_tok_s']:.1f} tok/s = **{x['ratio']:.2f}x**")
+            if x.get("lora_tok_s"):
+                t += (f"; with a LoRA adapter: {x['lora_tok_s']:.1f} vs "
+                      f"{x['loraplex_lora_tok_s']:.1f} tok/s = {x['lora_ratio']:.2f}x")
+            elif x.get("lora_skipped"):
+                t += f"; with a LoRA adapter: not run ({x['lora_skipped']})"
+            lines.append(t)
+    return "\n".join(lines) + "\n"
