@@ -138,3 +138,32 @@ def test_acceptance_comes_before_outputs_and_refusals_come_there(tiny_model_fact
         asyncio.run(go())
     finally:
         eng.shutdown()
+
+
+def test_engine_is_built_on_its_step_thread_and_build_errors_reach_the_caller(
+        tiny_model_factory):
+    """An engine loaded on one thread and stepped on another decodes ~1.5x slower on CPU (the
+    kernels' per-thread state follows the loading thread), so a factory runs on the step
+    thread; what it raises is raised by the constructor."""
+    import threading
+
+    from loraplex.engine.engine import Engine
+
+    built_on = []
+
+    def make():
+        built_on.append(threading.get_ident())
+        return Engine(EngineConfig(model=str(tiny_model_factory("llama")), max_model_len=64))
+
+    eng = AsyncEngine(make)
+    try:
+        stepped_on = asyncio.run(eng.call(lambda e: threading.get_ident()))
+        assert built_on == [stepped_on] != [threading.get_ident()]
+    finally:
+        eng.shutdown()
+
+    def broken():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(broken)

@@ -75,23 +75,28 @@ def build(cfg: ServerConfig):
     from loraplex.server.api import AppOptions, build_app
 
     t0 = time.perf_counter()
-    eng = Engine(cfg.engine)
-    names = cfg.served_model_names or [eng.served_model_name]
-    for name, path in cfg.startup_adapters():
-        if eng.lora is None:
-            raise ConfigError("adapters given but LoRA is disabled")
-        try:
-            eng.add_lora(name, path)
-        except LoRAError as e:
-            raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
-        log.info("adapter %s <- %s", name, path)
     tenants = None
     if cfg.tenants_file is not None:
         from loraplex.server.tenants import Tenants
 
         tenants = Tenants.from_file(cfg.tenants_file, extra_admin_key=cfg.api_key)
         log.info("tenants: %s", ", ".join(sorted(tenants.by_name)))
-    engine = AsyncEngine(eng)
+
+    def make() -> Engine:  # runs on the engine's own step thread (see AsyncEngine)
+        eng = Engine(cfg.engine)
+        for name, path in cfg.startup_adapters():
+            if eng.lora is None:
+                raise ConfigError("adapters given but LoRA is disabled")
+            try:
+                eng.add_lora(name, path)
+            except LoRAError as e:
+                raise ConfigError(f"--lora-modules {name}={path}: {e}") from None
+            log.info("adapter %s <- %s", name, path)
+        return eng
+
+    engine = AsyncEngine(make)
+    eng = engine.engine
+    names = cfg.served_model_names or [eng.served_model_name]
     app = build_app(engine, AppOptions(names, cfg.lora_dir, cfg.api_key, cfg.enable_runtime_lora,
                                        cfg.max_queued_requests, tenants=tenants,
                                        max_queued_tokens=cfg.max_queued_tokens))
