@@ -38,15 +38,8 @@ def plot_sweep(r: dict, out: Path) -> list[str]:
     ax.plot([p["adapters"] for p in top_rows], [p["gemm_ceiling_tok_s"] for p in top_rows],
             "-.", color="gray", lw=1,
             label=f"GEMM-peak ceiling ({m['gemm_peak_gflops']:.0f} GFLOP/s)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _integer_axis(ax)
-    ax.set_xlabel("distinct adapters in the workload")
-    ax.set_ylabel("output tokens/s")
-    ax.set_title("Throughput vs number of adapters")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    files.append(_save(fig, out / "throughput_vs_adapters.png"))
+    files.append(_finish(fig, ax, "output tokens/s", "Throughput vs number of adapters",
+                         out / "throughput_vs_adapters.png"))
 
     # 2. p99 TTFT vs adapters
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -57,18 +50,12 @@ def plot_sweep(r: dict, out: Path) -> list[str]:
                 color=f"C{i}", label=f"p99 TTFT, {c} concurrent")
         ax.plot([p["adapters"] for p in rows], [p["ttft_ms"]["p50"] for p in rows], "x--",
                 color=f"C{i}", lw=1, label=f"p50 TTFT, {c} concurrent")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _integer_axis(ax)
-    ax.set_xlabel("distinct adapters in the workload")
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title(f"TTFT vs number of adapters ({r['config']['max_loras']} device slots, "
-                 f"{r['config']['max_cpu_loras']} CPU copies)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    files.append(_save(fig, out / "ttft_vs_adapters.png"))
+    files.append(_finish(fig, ax, "time to first token (ms)",
+                         f"TTFT vs number of adapters ({r['config']['max_loras']} device slots, "
+                         f"{r['config']['max_cpu_loras']} CPU copies)",
+                         out / "ttft_vs_adapters.png"))
 
-    # 3. LoRA tax: throughput relative to the base, with the bandwidth floor's best ratio
+    # 3. LoRA tax: throughput relative to the base, beside the best ratio the floor allows
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, c in enumerate(cs):
         rows = sorted((p for p in pts if p["concurrency"] == c and p["adapters"]),
@@ -81,15 +68,9 @@ def plot_sweep(r: dict, out: Path) -> list[str]:
         ax.plot(xs, [best_ratio(r, p, base) for p in rows], ":", color=f"C{i}", lw=1,
                 label=f"best possible: base + adapter bytes / bandwidth, {c}")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xscale("log")
     ax.set_ylim(0, 1.1)
-    _integer_axis(ax)
-    ax.set_xlabel("distinct adapters in the workload")
-    ax.set_ylabel("throughput relative to the base model alone")
-    ax.set_title("LoRA tax")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    files.append(_save(fig, out / "lora_tax.png"))
+    files.append(_finish(fig, ax, "throughput relative to the base model alone", "LoRA tax",
+                         out / "lora_tax.png", log_y=False))
     return files
 
 
@@ -103,13 +84,19 @@ def best_ratio(r: dict, p: dict, base: dict) -> float:
     return step / (step + floor)
 
 
-def _integer_axis(ax) -> None:
+def _finish(fig, ax, ylabel: str, title: str, path: Path, log_y: bool = True) -> str:
+    """Shared axes (adapters on a log x axis with plain numbers), labels, legend; save."""
     from matplotlib.ticker import FuncFormatter
 
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-
-
-def _save(fig, path: Path) -> str:
+    ax.set_xlabel("distinct adapters in the workload")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
