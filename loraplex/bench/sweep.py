@@ -77,8 +77,6 @@ class Server:
     """`loraplex serve` in a subprocess on loopback; its RSS read from /proc."""
 
     def __init__(self, cfg: SweepConfig, lora_dir: Path, log_path: Path) -> None:
-        from loraplex.bench.roofline import machine_facts  # noqa: F401  (import check)
-
         port = cfg.port or _free_port()
         args = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
                 "--dtype", cfg.dtype, "--lora-dir", str(lora_dir),
@@ -211,7 +209,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 row = {"concurrency": c, "adapters": n,
                        **_point(server, cfg, names[:n], c, warm, f"c={c} {n} adapters")}
                 points.append(row)
-        resident = min(n_max, cfg.max_cpu_loras)
+        # CPU copies held now, as the server counts them (pinned copies may exceed the limit)
+        resident = int(server.metric("loraplex_adapters_cpu_resident")) or \
+            min(n_max, cfg.max_cpu_loras)
         rss_loaded = server.rss_mb()
     finally:
         server.stop()
