@@ -92,9 +92,9 @@ class AsyncEngine:
     Pass a built Engine, or (better) a function that builds one: it then runs on the step
     thread itself. Measured on the CPU: an engine loaded on one thread and stepped on another
     decodes ~1.5x slower (one stream: 45-52 ms vs 30 ms per token) than one loaded and stepped
-    on the same thread; the CPU kernels' per-thread state (OpenMP teams, oneDNN's caches)
-    follows the thread that loaded the model. The constructor returns once the engine is
-    built, and re-raises what building it raised."""
+    on the same thread (stepping from the loading thread is fast too; the per-thread state
+    behind it, OpenMP teams or oneDNN's caches, is not pinned down). The constructor returns
+    once the engine is built, and re-raises what building it raised."""
 
     def __init__(self, engine: Engine | Callable[[], Engine]) -> None:
         self._cv = threading.Condition()
