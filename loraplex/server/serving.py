@@ -112,6 +112,9 @@ class _Outputs:
         except Exception as e:
             self.stream.close()
             raise _api_error(e) from None
+        except BaseException:  # cancelled (the client left): abort the request now
+            self.stream.close()
+            raise
         self.ticket.generated[self.stream.request_id] = sum(len(c.token_ids)
                                                             for c in out.outputs)
         return out
@@ -268,7 +271,7 @@ class OpenAIServing:
         finally:
             watcher.cancel()
             for t in tasks:
-                t.cancel()  # closes the engine generator: the request is aborted if unfinished
+                t.cancel()  # cancels the read of its _Outputs, which aborts an unfinished request
             await asyncio.gather(*tasks, watcher, return_exceptions=True)
 
     def _finish_metrics(self, tracker: _Tracker, n_prompt_tokens: int,
