@@ -112,9 +112,10 @@ def test_sweep_smoke_on_a_tiny_model(tiny, tmp_path):
         assert p["completed"] == p["requests"] == 4 and not p["errors"]
         assert p["output_tokens"] == 4 * 8
         assert p["vs_base"] > 0 and p["bandwidth_fraction"] > 0 and p["gemm_fraction"] > 0
-    assert next(p for p in pts if p["adapters"] == 4)["adapter_loads"] >= 0
+    # the 4-adapter point reads three adapters from --lora-dir for the first time
+    assert next(p for p in pts if p["adapters"] == 4)["adapter_loads"] >= 3
     m = res["memory"]
-    assert m["resident_adapters"] >= 1 and m["adapter_file_mb"] > 0
+    assert m["resident_adapters"] == 4 and m["adapter_file_mb"] > 0  # --quick: 4 CPU copies
     b = res["baselines"]
     assert b["peft"]["tok_s"] > 0 and b["peft"]["ratio"] > 0
     assert b["merged"]["merged_mb_per_adapter"] > 0

@@ -19,14 +19,7 @@ import time
 from pathlib import Path
 
 from loraplex.bench.loadgen import WORDS, Lengths
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from loraplex.bench.roofline import rss_mb
 
 
 def peft_mixed_batch(folder: Path, adapters: list[Path], n_requests: int, prompt_len: Lengths,
@@ -73,13 +66,13 @@ def merged_memory(folder: Path, adapter: Path, copies: int = 2) -> dict:
         return {"skipped": f"transformers/peft not installed ({e.name})"}
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     gc.collect()
-    before = _rss_mb()
+    before = rss_mb()
     held = []
     for _ in range(copies):
         m = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload()
         held.append(m)
         gc.collect()
-    per_copy = (_rss_mb() - before) / copies
+    per_copy = (rss_mb() - before) / copies
     params = sum(p.numel() * p.element_size() for p in base.parameters())
     del held
     return {"merged_mb_per_adapter": per_copy, "model_param_mb": params / 1e6}

@@ -10,7 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from loraplex.bench.loadgen import BenchError, Lengths, Workload, discover_models, print_summary
+from loraplex.bench.loadgen import (
+    BenchError,
+    Lengths,
+    Workload,
+    discover_models,
+    print_summary,
+    run,
+)
 
 
 def _ints(s: str) -> list[int]:
@@ -120,19 +127,13 @@ def _serve(args: argparse.Namespace) -> int:
                  output_len=args.output_len, endpoint=args.endpoint, stream=not args.no_stream,
                  ignore_eos=not args.no_ignore_eos, temperature=args.temperature,
                  api_key=args.api_key, seed=args.seed, timeout=args.timeout)
-    res = asyncio.run(_run(w, not args.quiet))
+    res = asyncio.run(run(w, not args.quiet))
     print_summary(res["summary"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
         print(f"wrote {args.out}")
     return 0 if res["summary"]["completed"] else 1
-
-
-async def _run(w: Workload, progress: bool) -> dict:
-    from loraplex.bench.loadgen import run
-
-    return await run(w, progress)
 
 
 def _sweep(args: argparse.Namespace) -> int:

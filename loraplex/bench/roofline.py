@@ -85,6 +85,15 @@ def machine_facts() -> dict:
     }
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default), MiB, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
     """Fraction of all CPUs idle over `seconds` (from /proc/stat), before we start working:
     well below 1.0 means something else is running and every number here will be low."""

@@ -106,11 +106,9 @@ class Server:
         self.base_name = next(m["id"] for m in models if not m.get("parent"))
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        from loraplex.bench.roofline import rss_mb
+
+        return rss_mb(self.proc.pid)
 
     def metric(self, name: str) -> float:
         """Sum of a Prometheus counter/gauge over its labels (0 when absent)."""
