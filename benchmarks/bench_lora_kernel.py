@@ -83,8 +83,7 @@ def main() -> None:
     for mix in args.dtypes.split(","):
         act, wt = DTYPES[mix]
         mods = build(max(ks), args.rank, wt)
-        adapter_bytes = sum((m.a[0].numel() + m.bp[0].numel()) * m.a.element_size()
-                            for m in mods)
+        adapter_bytes = sum(m.slot_nbytes() for m in mods)
         fixed = step_time(mods, one, 1, args.repeats, act) / len(mods)
         print(f"[{mix}] adapter {adapter_bytes / 1e6:.1f} MB; fixed cost {1e6 * fixed:.1f} us "
               f"per call x {len(mods)} calls = {1e3 * fixed * len(mods):.2f} ms per step")

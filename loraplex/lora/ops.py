@@ -1,11 +1,16 @@
 """Batched LoRA deltas for a step, plus the slow per-row reference the tests compare against.
 
 Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) owns a `LoRASlots`:
-  a:     [num_slots, n_shards * R, in]   the shards' A matrices stacked along the rank axis;
+  a:     [num_slots, n_shards * R, in]   (torch path) the shards' A matrices stacked along the
+                                         rank axis;
   bt:    [num_slots, n_shards * R, out]  (torch path) each shard's B transposed, scale folded
                                          in, placed in that shard's output columns;
-  bp:    [num_slots, NB, R, 32]          (C++ path) the same B^T packed in blocks of 32 output
-                                         columns, so the kernel streams it contiguously;
+  ap:    [num_slots, n_shards, RP * in]  (C++ path) each shard's A transposed, [in, rp], with
+                                         rp = its rank rounded up to 8 (zero columns) and RP = R
+                                         rounded up to 8: the kernel streams one rank vector per
+                                         input feature;
+  bp:    [num_slots, NB, R, 32]          (C++ path) B^T packed in blocks of 32 output columns,
+                                         so the kernel streams it contiguously;
   ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
@@ -28,6 +33,10 @@ from torch import nn
 from loraplex.model.context import get_context
 
 
+def _round8(r: int) -> int:
+    return -(-r // 8) * 8
+
+
 class LoRASlots(nn.Module):
     def __init__(self, in_features: int, output_sizes: list[int], num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, packed: bool = False) -> None:
@@ -37,29 +46,50 @@ class LoRASlots(nn.Module):
         self.out_features = sum(output_sizes)
         self.rank = max_rank
         n = len(output_sizes)
-        self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype)
         self.blocks = [-(-o // 32) for o in output_sizes]  # 32-column blocks per shard
+        self.a: torch.Tensor | None = None
         self.bt: torch.Tensor | None = None
+        self.ap: torch.Tensor | None = None
         self.bp: torch.Tensor | None = None
         if packed:
+            self.ap = torch.zeros(num_slots, n, _round8(max_rank) * in_features, device=device,
+                                  dtype=dtype)
             self.bp = torch.zeros(num_slots, sum(self.blocks), max_rank, 32, device=device,
                                   dtype=dtype)
         else:
+            self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device,
+                                 dtype=dtype)
             self.bt = torch.zeros(num_slots, n * max_rank, self.out_features, device=device,
                                   dtype=dtype)
         self.ranks = torch.zeros(num_slots, n, dtype=torch.long)
         self.shard_sizes = torch.tensor(self.output_sizes, dtype=torch.long)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.ap if self.ap is not None else self.a).dtype
+
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot's weights (A and B, every shard, padding included)."""
+        a, b = (self.ap, self.bp) if self.ap is not None else (self.a, self.bt)
+        return (a[0].numel() + b[0].numel()) * a.element_size()
+
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        (self.bp if self.bp is not None else self.bt)[slot].zero_()
+        for t in (self.a, self.bt, self.ap, self.bp):
+            if t is not None:
+                t[slot].zero_()
         self.ranks[slot].zero_()
 
     def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor, scale: float
               ) -> None:
         r, big_r = a.shape[0], self.rank
         rows = slice(shard * big_r, shard * big_r + r)
-        self.a[slot, rows].copy_(a)
+        if self.ap is not None:
+            rp = _round8(r)
+            at = self.ap[slot, shard, :rp * self.in_features].view(self.in_features, rp)
+            at.zero_()
+            at[:, :r].copy_(a.t())
+        else:
+            self.a[slot, rows].copy_(a)
         bt = b.t() * scale  # [r, out_j]
         if self.bp is not None:
             nb, b0 = self.blocks[shard], sum(self.blocks[:shard])
@@ -71,12 +101,25 @@ class LoRASlots(nn.Module):
             self.bt[slot, rows, off:off + bt.shape[1]].copy_(bt)
         self.ranks[slot, shard] = r
 
+    def dense_a(self, slot: int) -> torch.Tensor:
+        """[n_shards * R, in] A of a slot, whichever layout holds it (reference and tests)."""
+        if self.a is not None:
+            return self.a[slot]
+        big_r, fin = self.rank, self.in_features
+        out = self.ap.new_zeros(len(self.output_sizes) * big_r, fin)
+        for j in range(len(self.output_sizes)):
+            r = int(self.ranks[slot, j])
+            rp = _round8(r)
+            at = self.ap[slot, j, :rp * fin].view(fin, rp)
+            out[j * big_r:j * big_r + r] = at[:, :r].t()
+        return out
+
     def dense_bt(self, slot: int) -> torch.Tensor:
         """[n_shards * R, out] B^T of a slot, whichever layout holds it (reference and tests)."""
         if self.bt is not None:
             return self.bt[slot]
         big_r = self.rank
-        out = self.a.new_zeros(len(self.output_sizes) * big_r, self.out_features)
+        out = self.bp.new_zeros(len(self.output_sizes) * big_r, self.out_features)
         for j, (nb, size) in enumerate(zip(self.blocks, self.output_sizes)):
             b0, off = sum(self.blocks[:j]), sum(self.output_sizes[:j])
             blk = self.bp[slot, b0:b0 + nb].transpose(0, 1).reshape(big_r, nb * 32)
@@ -139,7 +182,7 @@ class LoRABatch:
 
     def apply(self, m: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            self.kernel(y, x.contiguous(), m.a, m.bp, m.ranks, m.shard_sizes, self.tokens,
+            self.kernel(y, x.contiguous(), m.ap, m.bp, m.ranks, m.shard_sizes, self.tokens,
                         self.offsets, self.slots)
             return y
         dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
@@ -157,5 +200,5 @@ def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) ->
     for t in range(x.shape[0]):
         s = int(token_slots[t])
         if s >= 0:
-            out[t] = (m.a[s].float() @ x[t].float()) @ m.dense_bt(s).float()
+            out[t] = (m.dense_a(s).float() @ x[t].float()) @ m.dense_bt(s).float()
     return out
