@@ -7,6 +7,8 @@
 
 #include <cmath>
 
+#include "vec_math.h"
+
 namespace {
 
 inline void check_f32(const at::Tensor& t, const char* name) {
@@ -53,13 +55,31 @@ at::Tensor silu_mul(at::Tensor gu) {
   auto out = at::empty({t, inter}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // ATen's expression, g / (1 + exp(-g)) * u, with a vector exp (std::exp is not vectorized
+  // without -ffast-math: scalar, it took 160 us per call at 32 x 1536, now ~15).
+  using namespace loraplex_vec;
   at::parallel_for(0, t, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* g = gp + r * ld;
       const float* u = g + inter;
       float* o = op + r * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= inter; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_loadu_ps(u + i)));
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < inter; ++i) o[i] = g[i] / (1.f + exp1(-g[i])) * u[i];
     }
   });
   return out;

@@ -11,6 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
@@ -55,10 +58,15 @@ inline void axpy(float* y, float a, const float* x, int64_t d) {
 #endif
 
 // Each (block, kv head) chunk is one page-sized run in a random place: the hardware prefetcher
-// restarts at every chunk, so fetch the next chunk ahead while the current one is consumed.
+// restarts at every chunk, so software fetches each chunk (into L2) kAhead chunks before its
+// use. An item reads its K chunks, then its V chunks; the first V chunks are fetched while the
+// last K ones are consumed. Measured at 32 rows x 190 keys x 30 layers (SmolLM2's shapes):
+// 17-19 ms per step fetching only the next K chunk (into L1, non-temporal), 14 ms so.
+constexpr int64_t kAhead = 2;
+
 inline void prefetch_chunk(const float* p, int64_t floats) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 0);
+  for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 // s[t] = scale * q . k_t for t in [t0, t1), k_t = k + (t - base) * D (one block's chunk).
@@ -88,14 +96,17 @@ inline void qk_run(float* s, const float* q, const float* k, int64_t base, int64
 }
 
 // acc = sum over t in [first, len) of p[t] * v_t, v_t read in place from the paged cache.
+// pf: fetch V ahead (the first head's pass; the others find V in cache).
 inline void pv_row(float* out, const float* p, const float* vp, const int64_t* table, int64_t Hkv,
-                   int64_t hk, int64_t bs, int64_t D, int64_t first, int64_t len) {
+                   int64_t hk, int64_t bs, int64_t D, int64_t first, int64_t len, bool pf) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (D == 64) {
     __m256 a[8];
     for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
     for (int64_t j = first / bs; j * bs < len; ++j) {
       const float* v = vp + ((table[j] * Hkv + hk) * bs) * D;
+      if (pf && (j + kAhead) * bs < len)
+        prefetch_chunk(vp + ((table[j + kAhead] * Hkv + hk) * bs) * D, bs * D);
       for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t) {
         const float* vt = v + (t - j * bs) * D;
         const __m256 w = _mm256_set1_ps(p[t]);
@@ -112,6 +123,42 @@ inline void pv_row(float* out, const float* p, const float* vp, const int64_t* t
     for (int64_t t = std::max(first, j * bs); t < std::min(len, (j + 1) * bs); ++t)
       axpy(out, p[t], v + (t - j * bs) * D, D);
   }
+}
+
+// s[0:n] = softmax(s[0:n]) in place: exp(s - max) / sum, as ATen computes it.
+inline void softmax_(float* s, int64_t n) {
+  using namespace loraplex_vec;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vm));
+    _mm512_storeu_ps(s + t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, acc);
+  for (float v : part) sum += v;
+#endif
+  for (; t < n; ++t) {
+    s[t] = exp1(s[t] - mx);
+    sum += s[t];
+  }
+  const float inv = 1.f / sum;
+  for (t = 0; t < n; ++t) s[t] *= inv;
 }
 
 }  // namespace
@@ -141,44 +188,38 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "context length outside its block table");
-    max_len = std::max(max_len, lp[b]);
-  }
-  // Phase 1: scores[b, hk, g, t] = q . k * scale for visible keys, -inf elsewhere.
-  auto scores = at::full({B, Hkv, G, max_len}, -std::numeric_limits<float>::infinity(),
-                         q.options());
-  float* sp = scores.data_ptr<float>();
+  // One pass per (row, kv head), in one parallel region: the G heads' scores for the visible
+  // keys into a per-thread buffer (K read once from its blocks), softmax in place (ATen's
+  // expression: exp(s - max) / sum), then out = p . V (V read once). No [B, H, max_len] score
+  // tensor, no separate softmax: those cost as much as the arithmetic at decode sizes.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t* table = tp + b * max_blocks;
       const float* qrow = qp + (b * H + hk * G) * D;  // the G query heads of this KV head
-      float* srow = sp + item * G * max_len;
+      buf.resize(static_cast<size_t>(G * len));
+      float* srow = buf.data();  // [G, len]; entries before `first` are never touched
       // Walk whole blocks: no integer division per token (it cost more than the dot products).
       for (int64_t j = first / bs; j * bs < len; ++j) {
-        const float* k = kp + ((tp[b * max_blocks + j] * Hkv + hk) * bs) * D;
-        if ((j + 1) * bs < len) prefetch_chunk(kp + ((tp[b * max_blocks + j + 1] * Hkv + hk) * bs) * D, bs * D);
+        const float* k = kp + ((table[j] * Hkv + hk) * bs) * D;
+        if ((j + kAhead) * bs < len) {
+          prefetch_chunk(kp + ((table[j + kAhead] * Hkv + hk) * bs) * D, bs * D);
+        } else {  // past the last K chunk: V's first ones
+          const int64_t jv = first / bs + (j + kAhead - (len - 1) / bs - 1);
+          if (jv * bs < len) prefetch_chunk(vp + ((table[jv] * Hkv + hk) * bs) * D, bs * D);
+        }
         const int64_t t0 = std::max(first, j * bs), t1 = std::min(len, (j + 1) * bs);
         for (int64_t g = 0; g < G; ++g)
-          qk_run(srow + g * max_len, qrow + g * D, k, j * bs, t0, t1, D, fscale);
+          qk_run(srow + g * len, qrow + g * D, k, j * bs, t0, t1, D, fscale);
       }
-    }
-  });
-  // Phase 2: ATen's vectorized softmax (masked keys become exactly 0).
-  auto probs = at::softmax(scores, -1);
-  const float* pp = probs.data_ptr<float>();
-  // Phase 3: out[b, hk*G + g] = sum_t p[t] * v[t]. One head at a time so its accumulator stays
-  // in registers; the block's V chunk is re-read from L1 for the other G-1 heads.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const float* prow = pp + item * G * max_len;
+      for (int64_t g = 0; g < G; ++g) softmax_(srow + g * len + first, len - first);
       for (int64_t g = 0; g < G; ++g)
-        pv_row(op + (b * H + hk * G + g) * D, prow + g * max_len, vp, tp + b * max_blocks,
-               Hkv, hk, bs, D, first, len);
+        pv_row(op + (b * H + hk * G + g) * D, srow + g * len, vp, table, Hkv, hk, bs, D, first,
+               len, g == 0);
     }
   });
   return out;
