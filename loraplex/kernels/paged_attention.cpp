@@ -172,14 +172,19 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   TORCH_CHECK(q.dtype() == at::kFloat && k_cache.dtype() == at::kFloat &&
                   v_cache.dtype() == at::kFloat,
               "paged_decode_attention: float32 only");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+  // q's rows may be strided (a view of the fused qkv output: no copy); each row's heads are
+  // contiguous. The output is a new contiguous [B, H, D].
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "paged_decode_attention: q must be [B, H, D] with contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   block_tables.is_contiguous() && context_lens.is_contiguous(),
               "paged_decode_attention: contiguous inputs required");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "paged_decode_attention: bad head shapes");
   const int64_t G = H / Hkv, max_blocks = block_tables.size(1);
-  auto out = at::empty_like(q);
+  auto out = at::empty({B, H, D}, q.options());
+  const int64_t ldq = q.stride(0);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -200,7 +205,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
       const int64_t b = item / Hkv, hk = item % Hkv, len = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t* table = tp + b * max_blocks;
-      const float* qrow = qp + (b * H + hk * G) * D;  // the G query heads of this KV head
+      const float* qrow = qp + b * ldq + hk * G * D;  // the G query heads of this KV head
       buf.resize(static_cast<size_t>(G * len));
       float* srow = buf.data();  // [G, len]; entries before `first` are never touched
       // Walk whole blocks: no integer division per token (it cost more than the dot products).

@@ -227,11 +227,16 @@ class PagedAttention(nn.Module):
         else:
             kc.view(-1, d).index_copy_(0, ctx.kv_rows, k.reshape(-1, d))
             vc.view(-1, d).index_copy_(0, ctx.kv_rows, v.reshape(-1, d))
-        out = torch.empty_like(q)
         nd = ctx.num_decode
         if nd and ctx.decode_kernel is not None:
-            out[:nd] = ctx.decode_kernel(q[:nd].contiguous(), kc, vc, ctx.decode_block_tables,
-                                         ctx.decode_context_lens, self.scale, ctx.sliding_window)
+            # q may be a strided view (of the qkv output): the kernel reads it in place
+            od = ctx.decode_kernel(q[:nd], kc, vc, ctx.decode_block_tables,
+                                   ctx.decode_context_lens, self.scale, ctx.sliding_window)
+            if nd == q.shape[0]:  # a decode-only step: no prefill rows to place beside
+                return od
+        out = torch.empty_like(q)
+        if nd and ctx.decode_kernel is not None:
+            out[:nd] = od
         elif nd:
             # Query heads of one KV group play the role of query positions: no K/V expansion.
             tables = ctx.decode_block_tables
