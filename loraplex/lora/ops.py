@@ -64,10 +64,6 @@ class LoRASlots(nn.Module):
         self.ranks = torch.zeros(num_slots, n, dtype=torch.long)
         self.shard_sizes = torch.tensor(self.output_sizes, dtype=torch.long)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return (self.ap if self.ap is not None else self.a).dtype
-
     def slot_nbytes(self) -> int:
         """Bytes of one slot's weights (A and B, every shard, padding included)."""
         a, b = (self.ap, self.bp) if self.ap is not None else (self.a, self.bt)
