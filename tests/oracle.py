@@ -7,10 +7,10 @@ import torch
 from loraplex import LLM, SamplingParams
 
 
-def hf_load(path):
+def hf_load(path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
                                              attn_implementation="eager")
     m.generation_config.eos_token_id = None
     return m.eval()

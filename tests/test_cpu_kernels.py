@@ -1,6 +1,7 @@
-"""The C++ decode attention and SiLU*mul against their torch expressions, at shapes and values
+"""The C++ decode attention and fused ops against their torch expressions, at shapes and values
 the oracle tests do not reach: GQA groups of 1-7, sliding windows, contexts of 1 key to many
-blocks, extreme gate values (the vector exp's clamps), and batch invariance bit for bit."""
+blocks, extreme gate values (the vector exp's clamps), batch invariance bit for bit, and the
+bfloat16 versions against the model's torch expressions in bfloat16 (same roundings)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,76 @@ def test_silu_mul_matches_torch():
     nan[2, 5] = float("nan")
     assert torch.isnan(ops.silu_mul(nan)[2, 5])
     assert torch.equal(ops.silu_mul(gu[5:6].contiguous())[0], got[5])
+
+
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 steps between two bf16 tensors of finite values (same sign order)."""
+    def key(t):
+        i = t.view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)  # monotone in the value
+    return (key(got) - key(want)).abs()
+
+
+def _assert_bf16_close(got, want, name, max_ulps=1, max_frac=0.01):
+    """Equal but for one-step rounding flips on a few elements (sums in another order land a
+    hair to the other side of a bf16 rounding boundary now and then)."""
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    ulps = _bf16_ulps(got, want)
+    frac = (ulps > 0).float().mean().item()
+    assert ulps.max().item() <= max_ulps and frac <= max_frac, (
+        f"{name}: {ulps.max().item()} bf16 steps off, {100 * frac:.2f}% of elements differ")
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 2, 128), (6, 3, 40)])
+@pytest.mark.parametrize("window", [0, 20])
+def test_paged_decode_attention_bf16(heads, kv_heads, d, window):
+    """bf16 q and caches: float32 arithmetic inside, the output rounded once."""
+    g = torch.Generator().manual_seed(7 + heads + d + window)
+    bs, nblocks = 16, 64
+    lens = torch.tensor([1, 3, 16, 17, 40, 250], dtype=torch.long)
+    kc = torch.randn(nblocks, kv_heads, bs, d, generator=g).bfloat16()
+    vc = torch.randn(nblocks, kv_heads, bs, d, generator=g).bfloat16()
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:16] for _ in lens])
+    q = (3 * torch.randn(len(lens), heads + 2 * kv_heads, d, generator=g)).bfloat16()[:, :heads]
+    scale = d ** -0.5
+    got = ops.paged_decode_attention(q, kc, vc, tables, lens, scale, window)
+    want = _reference_attention(q.float(), kc.float(), vc.float(), tables, lens, scale, window)
+    _assert_bf16_close(got, want.bfloat16(), "attention")
+    alone = ops.paged_decode_attention(q[-1:].contiguous(), kc, vc, tables[-1:].contiguous(),
+                                       lens[-1:].clone(), scale, window)
+    assert torch.equal(alone[0], got[-1])
+
+
+def test_fused_ops_bf16_match_torch_bf16():
+    """add_rms_norm, silu_mul and rope_ in bf16 vs the model's torch path in bf16, which
+    rounds every intermediate tensor to bf16: the kernels round at the same places."""
+    from loraplex.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    # add_rms_norm: 570 = 35 vectors of 16 and a tail of 10
+    x = (2 * torch.randn(33, 570, generator=g)).bfloat16()
+    res = (4 * torch.randn(33, 570, generator=g)).bfloat16()
+    norm = RMSNorm(570, 1e-5)
+    norm.weight.data = (1 + torch.randn(570, generator=g)).bfloat16()
+    want, want_res = norm(x, res.clone())  # norm.fused is None: the torch expression
+    got_res = res.clone()
+    got = ops.add_rms_norm(x, got_res, norm.weight.data, 1e-5)
+    assert torch.equal(got_res, want_res)  # x + residual: one bf16 rounding either way
+    _assert_bf16_close(got, want, "add_rms_norm")
+    # silu_mul: 1000 = vector body and a scalar tail
+    gu = (6 * torch.randn(21, 2000, generator=g)).bfloat16()
+    want = F.silu(gu[:, :1000]) * gu[:, 1000:]
+    _assert_bf16_close(ops.silu_mul(gu), want, "silu_mul")
+    # rope_ on a strided view of q|k heads, D = 64 and 40 (half not a multiple of the width)
+    for d in (64, 40):
+        t, nh = 7, 5
+        full = torch.randn(t, nh + 3, d, generator=g).bfloat16()
+        xs = full[:, :nh]
+        ang = torch.rand(t, 1, d // 2, generator=g) * 6
+        cos = torch.cat((ang.cos(), ang.cos()), -1).bfloat16()
+        sin = torch.cat((ang.sin(), ang.sin()), -1).bfloat16()
+        rotated = torch.cat((-xs[..., d // 2:], xs[..., :d // 2]), dim=-1)
+        want = xs * cos + rotated * sin
+        got = full.clone()[:, :nh]  # strided, as the model passes it
+        ops.rope_(got, cos, sin)
+        _assert_bf16_close(got, want, f"rope_ D={d}")

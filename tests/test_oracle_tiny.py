@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from loraplex import LLM
 
-from oracle import hf_greedy, hf_load, max_logit_error, ours_greedy_with_logits
+from oracle import hf_greedy, hf_load, hf_logits, max_logit_error, ours_greedy_with_logits
 
 FAMILIES = ["llama", "llama3_rope", "mistral", "mistral_window", "qwen2", "qwen3"]
 N_NEW = 24
@@ -33,6 +34,32 @@ def test_logits_and_greedy_match_hf(tiny_model_factory, family, use_kernels):
         err = max_logit_error(hf, p, toks, logits[tuple(p)])
         assert err < 1e-4, f"{family}: logits differ from HF by {err}"
         assert toks == hf_greedy(hf, p, N_NEW), f"{family}: greedy tokens differ from HF"
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral_window"])
+def test_bf16_as_close_to_fp32_as_transformers_bf16(tiny_model_factory, family, use_kernels):
+    """bf16 (what `--dtype auto` picks on CPUs with native bf16). Teacher-forced on our greedy
+    tokens, our bf16 logits are no further from the fp32 model than transformers' own bf16 run
+    of the same weights is: the bf16 path, C++ kernels or torch, adds nothing beyond bf16's
+    rounding. A wrong kernel (a dropped rounding, a misplaced key) is off by far more."""
+    path = tiny_model_factory(family)
+    fp32, hf16 = hf_load(path), hf_load(path, dtype=torch.bfloat16)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=256, block_size=8,
+              use_kernels=use_kernels)
+    assert (llm.engine.runner.decode_kernel is not None) == use_kernels
+    prompts = _prompts(5, seed=3)
+    ours, logits = ours_greedy_with_logits(llm, prompts, N_NEW)
+    ours_err, hf_err = [], []
+    for p, toks in zip(prompts, ours):
+        start = len(p) - 1
+        theirs = list(hf_logits(hf16, p + toks)[start:start + len(toks)])
+        ours_err.append(max_logit_error(fp32, p, toks, logits[tuple(p)]))
+        hf_err.append(max_logit_error(fp32, p, toks, theirs))
+    assert min(hf_err) > 1e-3  # bf16 does move the logits: the bound below is not vacuous
+    # over 5 prompts x 24 steps (one prompt alone varies +-30% either way with bf16's noise)
+    assert max(ours_err) <= 1.5 * max(hf_err), f"{family}: ours {ours_err}, HF bf16 {hf_err}"
+    assert sum(ours_err) <= 1.25 * sum(hf_err), f"{family}: ours {ours_err}, HF bf16 {hf_err}"
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral_window"])

@@ -49,11 +49,11 @@ def kernels():
 
 
 def kernels_for(device, dtype, enabled: bool = True):
-    """The C++ attention and fused ops if this engine should use them (CPU, float32, not
-    disabled), else None."""
+    """The C++ attention and fused ops if this engine should use them (CPU, float32 or
+    bfloat16, not disabled), else None."""
     import torch
 
-    if not enabled or device.type != "cpu" or dtype != torch.float32:
+    if not enabled or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
     return kernels()
 

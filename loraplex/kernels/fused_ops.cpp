@@ -1,129 +1,129 @@
 // Fused elementwise ops for the CPU decode path. Each replaces a chain of 3-10 small ATen ops
 // whose dispatch overhead, not their arithmetic, dominated a single-stream decode step.
-// float32 only, CPU only; the model falls back to the torch expressions elsewhere.
+// CPU, float32 or bfloat16. Each op computes what the model's torch expression computes: in
+// bfloat16 every intermediate that torch would store as a bf16 tensor is rounded the same way
+// (vround_to / round_to), so the two paths agree to the last bit or one rounding step.
+// Written once over `Vec` (vec.h): AVX-512, AVX2 or scalar.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 
-#include "vec_math.h"
+#include "vec.h"
 
 namespace {
 
-inline void check_f32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, ": float32 CPU only");
+using loraplex_vec::bf16;
+using loraplex_vec::put;
+using loraplex_vec::round_to;
+using loraplex_vec::to_f;
+using loraplex_vec::Vec;
+using loraplex_vec::vround_to;
+using V = Vec::R;
+
+inline void check_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              name, ": float32 or bfloat16 CPU tensors only");
 }
 
-}  // namespace
-
-// residual += x (in place); returns rms_norm(residual) * weight. Same math as transformers'
-// LlamaRMSNorm in float32: h * rsqrt(mean(h^2) + eps).
-at::Tensor add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
-  check_f32(x, "add_rms_norm");
-  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  auto out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+template <typename T>
+void add_rms_norm_impl(const T* xp, T* rp, const T* wp, T* op, int64_t rows, int64_t d,
+                       float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      float* h = rp + r * d;
-      const float* xi = xp + r * d;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < d; ++i) {
-        h[i] += xi[i];
-        ss += h[i] * h[i];
-      }
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-      float* o = op + r * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = wp[i] * (h[i] * inv);
-    }
-  });
-  return out;
-}
-
-// gu: [T, 2I] (gate | up) -> silu(gate) * up, [T, I].
-at::Tensor silu_mul(at::Tensor gu) {
-  check_f32(gu, "silu_mul");
-  TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1);
-  const int64_t t = gu.size(0), inter = gu.size(1) / 2, ld = gu.stride(0);
-  auto out = at::empty({t, inter}, gu.options());
-  const float* gp = gu.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // ATen's expression, g / (1 + exp(-g)) * u, with a vector exp (std::exp is not vectorized
-  // without -ffast-math: scalar, it took 160 us per call at 32 x 1536, now ~15).
-  using namespace loraplex_vec;
-  at::parallel_for(0, t, 4, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* g = gp + r * ld;
-      const float* u = g + inter;
-      float* o = op + r * inter;
+      T* h = rp + r * d;
+      const T* xi = xp + r * d;
+      V acc = Vec::zero();
       int64_t i = 0;
-#if defined(__AVX512F__)
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; i + 16 <= inter; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_loadu_ps(u + i)));
+      for (; i + Vec::W <= d; i += Vec::W) {  // residual = x + residual, stored as T
+        const V hv = vround_to<T>(Vec::add(Vec::load(h + i), Vec::load(xi + i)));
+        Vec::store(h + i, hv);
+        acc = Vec::fma(hv, hv, acc);
       }
-#elif defined(__AVX2__) && defined(__FMA__)
-      const __m256 one = _mm256_set1_ps(1.f);
-      for (; i + 8 <= inter; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+      float ss = Vec::reduce_add(acc);
+      for (; i < d; ++i) {
+        const float hv = round_to<T>(to_f(h[i]) + to_f(xi[i]));
+        put(h + i, hv);
+        ss += hv * hv;
       }
-#endif
-      for (; i < inter; ++i) o[i] = g[i] / (1.f + exp1(-g[i])) * u[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+      const V vinv = Vec::set1(inv);
+      T* o = op + r * d;
+      i = 0;  // weight * (h * inv), the normalized row stored as T before the weight multiplies
+      for (; i + Vec::W <= d; i += Vec::W)
+        Vec::store(o + i, Vec::mul(Vec::load(wp + i),
+                                   vround_to<T>(Vec::mul(Vec::load(h + i), vinv))));
+      for (; i < d; ++i) put(o + i, to_f(wp[i]) * round_to<T>(to_f(h[i]) * inv));
     }
   });
-  return out;
 }
 
-// In place rotate-half RoPE on x: [T, heads, D] (any row stride, unit inner strides);
-// cos, sin: [T, 1, D] contiguous. Same expression as transformers: x*cos + rotate_half(x)*sin.
-void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin) {
-  check_f32(x, "rope_");
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2));
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == x.size(2));
-  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), half = d / 2, ld = x.stride(0);
-  float* xp = x.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
+template <typename T>
+void silu_mul_impl(const T* gp, int64_t ld, T* op, int64_t t, int64_t inter) {
+  // ATen's expression, g / (1 + exp(-g)) * u, with a vector exp (std::exp is not vectorized
+  // without -ffast-math: scalar, it took 160 us per call at 32 x 1536, now ~15). In bf16,
+  // silu(g) is stored as bf16 before the product, as F.silu(gate) * up does.
+  at::parallel_for(0, t, 4, [&](int64_t b, int64_t e) {
+    const V one = Vec::set1(1.f);
+    for (int64_t r = b; r < e; ++r) {
+      const T* g = gp + r * ld;
+      const T* u = g + inter;
+      T* o = op + r * inter;
+      int64_t i = 0;
+      for (; i + Vec::W <= inter; i += Vec::W) {
+        const V gv = Vec::load(g + i);
+        const V den = Vec::add(one, Vec::exp(Vec::sub(Vec::zero(), gv)));
+        Vec::store(o + i, Vec::mul(vround_to<T>(Vec::div(gv, den)), Vec::load(u + i)));
+      }
+      for (; i < inter; ++i) {
+        const float gv = to_f(g[i]);
+        put(o + i, round_to<T>(gv / (1.f + loraplex_vec::exp1(-gv))) * to_f(u[i]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void rope_impl(T* xp, int64_t ld, const T* cp, const T* sp, int64_t t, int64_t nh, int64_t d) {
+  const int64_t half = d / 2;
+  // x * cos + rotate_half(x) * sin with every product stored as T before the sum, as the three
+  // torch ops do (in float32 the roundings are the identity).
   at::parallel_for(0, t * nh, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = i / nh, h = i % nh;
-      float* v = xp + r * ld + h * d;
-      const float* c = cp + r * d;
-      const float* s = sp + r * d;
-#pragma omp simd
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = v[j], bb = v[j + half];
-        v[j] = a * c[j] - bb * s[j];
-        v[j + half] = bb * c[j + half] + a * s[j + half];
+      T* v = xp + r * ld + h * d;
+      const T* c = cp + r * d;
+      const T* s = sp + r * d;
+      int64_t j = 0;
+      for (; j + Vec::W <= half; j += Vec::W) {
+        const V a = Vec::load(v + j), bb = Vec::load(v + j + half);
+        const V lo = Vec::sub(vround_to<T>(Vec::mul(a, Vec::load(c + j))),
+                              vround_to<T>(Vec::mul(bb, Vec::load(s + j))));
+        const V hi = Vec::add(vround_to<T>(Vec::mul(bb, Vec::load(c + j + half))),
+                              vround_to<T>(Vec::mul(a, Vec::load(s + j + half))));
+        Vec::store(v + j, lo);
+        Vec::store(v + j + half, hi);
+      }
+      for (; j < half; ++j) {
+        const float a = to_f(v[j]), bb = to_f(v[j + half]);
+        put(v + j, round_to<T>(a * to_f(c[j])) - round_to<T>(bb * to_f(s[j])));
+        put(v + j + half,
+            round_to<T>(bb * to_f(c[j + half])) + round_to<T>(a * to_f(s[j + half])));
       }
     }
   });
 }
 
-// Scatter this step's K and V ([T, Hkv, D], any row stride) into the paged caches
-// ([num_blocks, Hkv, bs, D]) at rows kv_rows ([T * Hkv], token-major) of cache.view(-1, D).
-void cache_write_(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
-                  at::Tensor kv_rows) {
-  check_f32(k, "cache_write_");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
-              v.stride(1) == v.size(2) && kv_rows.is_contiguous());
+template <typename T>
+void cache_write_impl(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                      at::Tensor& v_cache, const int64_t* rows) {
   const int64_t t = k.size(0), hkv = k.size(1), d = k.size(2);
-  const int64_t* rows = kv_rows.data_ptr<int64_t>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
   const int64_t lk = k.stride(0), lv = v.stride(0);
   for (int64_t r = 0; r < t; ++r)
     for (int64_t h = 0; h < hkv; ++h) {
@@ -131,6 +131,82 @@ void cache_write_(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_c
       std::copy(kp + r * lk + h * d, kp + r * lk + (h + 1) * d, kc + dst);
       std::copy(vp + r * lv + h * d, vp + r * lv + (h + 1) * d, vc + dst);
     }
+}
+
+}  // namespace
+
+// residual = residual + x (in place); returns rms_norm(residual) * weight. Same math as
+// transformers' LlamaRMSNorm: h * rsqrt(mean(h^2) + eps) in float32.
+at::Tensor add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
+  check_dtype(x, "add_rms_norm");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "add_rms_norm: x, residual and weight must share a dtype");
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous() &&
+                  residual.sizes() == x.sizes() && weight.numel() == x.size(-1),
+              "add_rms_norm: contiguous x, residual of x's shape, weight of x's last dim");
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    add_rms_norm_impl(x.data_ptr<float>(), residual.data_ptr<float>(), weight.data_ptr<float>(),
+                      out.data_ptr<float>(), rows, d, static_cast<float>(eps));
+  else
+    add_rms_norm_impl(x.data_ptr<bf16>(), residual.data_ptr<bf16>(), weight.data_ptr<bf16>(),
+                      out.data_ptr<bf16>(), rows, d, static_cast<float>(eps));
+  return out;
+}
+
+// gu: [T, 2I] (gate | up) -> silu(gate) * up, [T, I].
+at::Tensor silu_mul(at::Tensor gu) {
+  check_dtype(gu, "silu_mul");
+  TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1 && gu.size(1) % 2 == 0,
+              "silu_mul: [T, 2I] with unit inner stride");
+  const int64_t t = gu.size(0), inter = gu.size(1) / 2, ld = gu.stride(0);
+  auto out = at::empty({t, inter}, gu.options());
+  if (gu.scalar_type() == at::kFloat)
+    silu_mul_impl(gu.data_ptr<float>(), ld, out.data_ptr<float>(), t, inter);
+  else
+    silu_mul_impl(gu.data_ptr<bf16>(), ld, out.data_ptr<bf16>(), t, inter);
+  return out;
+}
+
+// In place rotate-half RoPE on x: [T, heads, D] (any row stride, unit inner strides);
+// cos, sin: [T, 1, D] contiguous, x's dtype. Same expression as transformers:
+// x*cos + rotate_half(x)*sin.
+void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  check_dtype(x, "rope_");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope_: cos and sin must have x's dtype");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "rope_: x must be [T, heads, D] with contiguous heads and an even D");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == x.size(2) &&
+                  cos.numel() == x.size(0) * x.size(2) && sin.numel() == cos.numel(),
+              "rope_: cos and sin must be contiguous [T, 1, D]");
+  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), ld = x.stride(0);
+  if (x.scalar_type() == at::kFloat)
+    rope_impl(x.data_ptr<float>(), ld, cos.data_ptr<float>(), sin.data_ptr<float>(), t, nh, d);
+  else
+    rope_impl(x.data_ptr<bf16>(), ld, cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), t, nh, d);
+}
+
+// Scatter this step's K and V ([T, Hkv, D], any row stride) into the paged caches
+// ([num_blocks, Hkv, bs, D]) at rows kv_rows ([T * Hkv], token-major) of cache.view(-1, D).
+void cache_write_(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
+                  at::Tensor kv_rows) {
+  check_dtype(k, "cache_write_");
+  const auto dt = k.scalar_type();
+  TORCH_CHECK(v.scalar_type() == dt && k_cache.scalar_type() == dt && v_cache.scalar_type() == dt,
+              "cache_write_: k, v and the caches must share a dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
+                  v.stride(1) == v.size(2) && kv_rows.is_contiguous() &&
+                  kv_rows.scalar_type() == at::kLong && kv_rows.numel() == k.size(0) * k.size(1),
+              "cache_write_: [T, Hkv, D] k and v with contiguous heads, int64 kv_rows [T*Hkv]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "cache_write_: contiguous caches");
+  const int64_t* rows = kv_rows.data_ptr<int64_t>();
+  if (dt == at::kFloat)
+    cache_write_impl<float>(k, v, k_cache, v_cache, rows);
+  else
+    cache_write_impl<bf16>(k, v, k_cache, v_cache, rows);
 }
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {

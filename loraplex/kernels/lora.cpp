@@ -24,15 +24,12 @@
 // must read, which is what bounds this kernel once a step uses many distinct adapters.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -44,104 +41,10 @@ constexpr int64_t kChunk = 8;  // tokens per work item (and the widest token til
 // (benchmarks/bench_lora_kernel.py): 7.6-8.0 ms with one block ahead into L1, 6.1-6.6 ms so.
 constexpr int64_t kAheadBytes = 4096;
 constexpr int64_t kAheadBlocks = 2;
-using bf16 = c10::BFloat16;
-
-inline float to_f(float v) { return v; }
-inline float to_f(bf16 v) { return static_cast<float>(v); }
-inline void put(float* p, float v) { *p = v; }
-inline void put(bf16* p, float v) { *p = bf16(v); }  // round to nearest even
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// 16 float lanes; 32 registers, 16 of them accumulators.
-struct Vec {
-  using R = __m512;
-  using Mask = __mmask16;
-  static constexpr int64_t W = 16;
-  static constexpr int kAcc = 16;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R set1(float v) { return _mm512_set1_ps(v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static Mask mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1u); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static R load(const bf16* p) {  // bf16 is the high half of a float32
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static R load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static R load(const bf16* p, Mask m) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static void store(bf16* p, R v) {
-    // Round to nearest even, NaN kept quiet: the same bits as c10's float -> BFloat16.
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-  static void prefetch(const void* p) {
-    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);  // into L2
-  }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-// 8 float lanes; 16 registers, 12 of them accumulators. Rank rows are padded to 8, so every
-// load is whole and the mask is never needed.
-struct Vec {
-  using R = __m256;
-  struct Mask {};
-  static constexpr int64_t W = 8;
-  static constexpr int kAcc = 12;
-  static R zero() { return _mm256_setzero_ps(); }
-  static R set1(float v) { return _mm256_set1_ps(v); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static Mask mask(int64_t) { return {}; }
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static R load(const bf16* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  template <typename P>
-  static R load(const P* p, Mask) { return load(p); }
-  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static void store(bf16* p, R v) {  // as the AVX-512 store: nearest even, quiet NaN
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m128i h =
-        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-  }
-  static void prefetch(const void* p) {
-    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);  // into L2
-  }
-};
-#else
-// Portable fallback: one lane.
-struct Vec {
-  using R = float;
-  struct Mask {};
-  static constexpr int64_t W = 1;
-  static constexpr int kAcc = 8;
-  static R zero() { return 0.f; }
-  static R set1(float v) { return v; }
-  static R fma(R a, R b, R c) { return a * b + c; }
-  static Mask mask(int64_t) { return {}; }
-  template <typename P>
-  static R load(const P* p) { return to_f(*p); }
-  template <typename P>
-  static R load(const P* p, Mask) { return to_f(*p); }
-  template <typename P>
-  static void store(P* p, R v) { put(p, v); }
-  static void prefetch(const void*) {}
-};
-#endif
+using loraplex_vec::bf16;
+using loraplex_vec::put;
+using loraplex_vec::to_f;
+using loraplex_vec::Vec;
 
 using V = Vec::R;
 

@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _empty_param(dim)
-        self.fused = None  # loraplex C++ ops (CPU fp32), set by LlamaForCausalLM.use_cpu_kernels
+        self.fused = None  # C++ ops (CPU fp32/bf16), set by LlamaForCausalLM.use_cpu_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +178,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, rot_dim]
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
-        self.fused = None  # loraplex C++ ops (CPU fp32)
+        self.fused = None  # loraplex C++ ops (CPU fp32/bf16)
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +214,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
-        self.fused = None  # loraplex C++ ops (CPU fp32)
+        self.fused = None  # loraplex C++ ops (CPU fp32/bf16)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  [T, H, D]

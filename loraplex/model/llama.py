@@ -63,7 +63,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.fused = None  # loraplex C++ ops (CPU fp32)
+        self.fused = None  # loraplex C++ ops (CPU fp32/bf16)
         self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], bias=cfg.mlp_bias)
         self.down_proj = Linear(self.inter, [cfg.hidden_size], bias=cfg.mlp_bias)
 
@@ -138,8 +138,8 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, w).float()
 
     def use_cpu_kernels(self, ops) -> None:
-        """Route norms, RoPE, KV writes and SiLU*mul through loraplex's fused C++ ops (CPU fp32).
-        Decided once per model, so every forward takes one path."""
+        """Route norms, RoPE, KV writes and SiLU*mul through loraplex's fused C++ ops (CPU,
+        fp32 or bf16). Decided once per model, so every forward takes one path."""
         for m in self.modules():
             if isinstance(m, RMSNorm | PagedAttention | RotaryEmbedding | LlamaMLP):
                 m.fused = ops
