@@ -1,8 +1,11 @@
-"""loraplex vs transformers `generate()` on the embedded SmolLM2-135M-Instruct, CPU, fp32.
+"""loraplex vs transformers `generate()` on the embedded SmolLM2-135M-Instruct, CPU, in one
+dtype on both sides: --dtype float32 (default; results/bench_engine.json) or bfloat16 (what
+`--dtype auto` picks on CPUs with native bf16; results/bench_engine_bf16.json).
 
 Fairness rules (both sides):
   * the same weights: the converted HF folder loraplex itself loads (`converted_folder(...)`);
-  * fp32 on both sides, the same torch thread count (the usable core count), same process;
+  * the same dtype on both sides, the same torch thread count (the usable core count), same
+    process;
   * greedy, EOS ignored, so every request produces exactly --new-tokens tokens (checked);
   * the same prompts: --prompt-len token ids each, a different window of a fixed text per request;
   * both warmed up at the measured shapes, then measured alternately
@@ -16,9 +19,10 @@ Throughput is generated tokens / wall time of the call (prefill included). The d
 timed from the moment the last request got its first token (loraplex: RequestOutput metrics;
 HF: a no-op logits processor's first call) to the end; it carries (new_tokens - 1) tokens per
 request. The roofline fractions use the decode phase:
-  * concurrent decode: 2 x (matmul params incl. lm_head) x tokens / time vs the fp32 GEMM peak;
-  * single stream: weight bytes read per step (all matmul weights, fp32) x steps/s vs the
-    measured memory READ bandwidth.
+  * concurrent decode: 2 x (matmul params incl. lm_head) x tokens / time vs the GEMM peak
+    measured in the run's dtype;
+  * single stream: weight bytes read per step (all matmul weights, in the run's dtype) x
+    steps/s vs the measured memory READ bandwidth.
 
     python benchmarks/bench_engine.py [--quick] [--skip-hf] [--repeats N] ...
 """
@@ -49,7 +53,8 @@ from roofline import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_engine.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Fixed, varied source text for the prompts (each request takes a different window of it).
 TEXT = """\
@@ -75,8 +80,9 @@ Volcanic soil is rich in minerals, which is why vineyards often thrive on old la
 # ---------------------------------------------------------------------------------------------
 # Model arithmetic
 # ---------------------------------------------------------------------------------------------
-def model_arith(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Matmul parameter counts and bytes from an HF config.json dict."""
+def model_arith(cfg: dict[str, Any], elem_bytes: int = 4) -> dict[str, Any]:
+    """Matmul parameter counts and bytes (weights and KV stored with `elem_bytes` per value)
+    from an HF config.json dict."""
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     layers, nh = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -91,9 +97,9 @@ def model_arith(cfg: dict[str, Any]) -> dict[str, Any]:
         "matmul_params_per_layer": per_layer, "lm_head_params": lm_head,
         "matmul_params": matmul, "norm_params": norms,
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        # fp32: what one decode step must stream from memory (embedding gather = 1 row, ignored)
-        "weight_bytes_per_step": 4 * (matmul + norms),
-        "kv_bytes_per_token": 2 * layers * nkv * hd * 4,  # K and V, fp32, per cached position
+        # what one decode step must stream from memory (embedding gather = 1 row, ignored)
+        "weight_bytes_per_step": elem_bytes * (matmul + norms),
+        "kv_bytes_per_token": 2 * layers * nkv * hd * elem_bytes,  # K and V, per position
         "attn_flops_per_token_per_ctx": 4 * layers * nh * hd,  # QK^T + PV per context position
     }
 
@@ -125,11 +131,11 @@ def build_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 class LoraplexRunner:
     name = "loraplex"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dtype: str) -> None:
         from loraplex import LLM
 
         # Same folder HF loads (model=None would resolve to this very folder too).
-        self.llm = LLM(model=str(folder), dtype="float32")
+        self.llm = LLM(model=str(folder), dtype=dtype)
         self.dtype = self.llm.engine.dtype
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
@@ -162,10 +168,11 @@ class _FirstCallTimer:
 class HFRunner:
     name = "hf"
 
-    def __init__(self, folder: Path, pad_id: int) -> None:
+    def __init__(self, folder: Path, pad_id: int, dtype: str) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder),
+                                                          dtype=DTYPES[dtype]).eval()
         gc = self.model.generation_config
         gc.eos_token_id = None  # ignore EOS: always exactly max_new_tokens
         gc.pad_token_id = pad_id
@@ -221,17 +228,18 @@ def gemm_floor(llm, prompt_len: int, new_tokens: int, concurrency: int) -> dict[
     projections and lm_head take alone (same packed weights and kernels the engine uses, no
     attention, no elementwise ops, no Python), at the exact GEMM shapes of the run: prefill in
     chunks of the engine's token budget, then (new_tokens - 1) decode steps of `concurrency` rows.
-    Any engine doing these matmuls in fp32 here needs at least this long."""
+    Any engine doing these matmuls in the run's dtype here needs at least this long."""
     from loraplex.model.layers import Linear
 
     model = llm.engine.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     budget = llm.engine.sched_config.max_num_batched_tokens
     hidden = model.config.hidden_size
+    dtype = llm.engine.dtype
 
     def timed(rows: int, logit_rows: int) -> float:
-        xs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
-        h = torch.randn(logit_rows, hidden)
+        xs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in linears}
+        h = torch.randn(logit_rows, hidden).to(dtype)
 
         def once() -> None:
             with torch.inference_mode():
@@ -275,8 +283,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: prompt 16, 8 new tokens, concurrency 4, 1 repeat")
     ap.add_argument("--skip-hf", action="store_true", help="measure loraplex only")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="both engines' dtype (default float32)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/bench_engine.json, or bench_engine_bf16.json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("bench_engine.json" if args.dtype == "float32"
+                              else "bench_engine_bf16.json")
     if args.quick:
         args.prompt_len, args.new_tokens, args.concurrency, args.repeats = 16, 8, 4, 1
     return args
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     folder = converted_folder(embedded_gguf_path())
     cfg = json.loads((folder / "config.json").read_text())
-    arith = model_arith(cfg)
+    dtype = DTYPES[args.dtype]
+    arith = model_arith(cfg, elem_bytes=dtype.itemsize)
 
     machine = machine_facts()
     machine["loadavg_at_start"] = load_before
@@ -310,9 +325,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"process is running and all numbers below will be depressed", file=sys.stderr)
 
     print("== roofline (measured now, same threads) ==")
-    gemm = measure_gemm_peak(1024 if args.quick else 2048)
+    gemm = measure_gemm_peak(1024 if args.quick else 2048, dtype=dtype)
     bw = measure_mem_bandwidth(256 if args.quick else 768, kind="read")
-    print(f"  fp32 GEMM peak   : {gemm:8.1f} GFLOP/s  (torch.mm, best of several)")
+    label = "fp32" if dtype == torch.float32 else "bf16"
+    print(f"  {label} GEMM peak   : {gemm:8.1f} GFLOP/s  (torch.mm, best of several)")
     print(f"  memory READ bw   : {bw:8.1f} GB/s     (t.sum() over a large fp32 tensor)")
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -322,9 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Different text for the single stream than for request 0 of the batch.
     batch = build_prompts(tok, B + 1, L)[1:]
 
-    runners: list[Any] = [LoraplexRunner(folder)]
+    runners: list[Any] = [LoraplexRunner(folder, args.dtype)]
     if not args.skip_hf:
-        hf = HFRunner(folder, pad_id)
+        hf = HFRunner(folder, pad_id, args.dtype)
         check_params_against_hf(arith, hf.model)
         runners.append(hf)
     dtypes = {r.name: str(r.dtype) for r in runners}
@@ -366,14 +382,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     summary = summarize(runs, runners, arith, gemm, bw, L, N)
     parity = token_parity(runs, runners)
-    print_table(summary, runners, scenarios, arith, gemm, bw, parity)
+    print_table(summary, runners, scenarios, arith, gemm, bw, parity, label)
     floor = gemm_floor(runners[0].llm, L, N, B)
     conc = f"concurrent_{B}"
-    print(f"\n== GEMM-only floor of the {B}-concurrent run (loraplex's packed fp32 weights, "
+    print(f"\n== GEMM-only floor of the {B}-concurrent run (loraplex's packed {label} weights, "
           f"exact shapes, nothing else) ==")
     print(f"  prefill {floor['prefill_s']:.2f}s + decode {N - 1} x "
           f"{1e3 * floor['decode_step_s']:.1f} ms = {floor['total_s']:.2f}s -> at most "
-          f"{floor['tok_per_s_ceiling']:.1f} tok/s for any fp32 engine on this machine")
+          f"{floor['tok_per_s_ceiling']:.1f} tok/s for any {label} engine on this machine")
     lp_best = summary[conc]["loraplex"]["tok_per_s_best"]
     print(f"  loraplex reaches {100 * lp_best / floor['tok_per_s_ceiling']:.0f}% of that ceiling")
     if "hf" in summary[conc]:
@@ -387,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"prompt_len": L, "new_tokens": N, "concurrency": B, "repeats": args.repeats,
                    "threads": torch.get_num_threads(), "dtypes": dtypes, "quick": args.quick,
                    "model_folder": str(folder), "python": platform.python_version()},
-        "roofline": {"gemm_fp32_gflops": gemm, "mem_read_gbps": bw},
+        "roofline": {f"gemm_{label}_gflops": gemm, "mem_read_gbps": bw},
         "model": arith,
         "summary": summary,
         "greedy_token_parity": parity,
@@ -454,7 +470,8 @@ def summarize(runs, runners, arith, gemm, bw, L, N) -> dict[str, Any]:
 
 def token_parity(runs, runners) -> dict[str, Any]:
     """Sanity check that both sides run the same model: greedy fp32 outputs should agree
-    (a late divergence on a near-tie is possible and not an error)."""
+    (a late divergence on a near-tie is possible and not an error). In bf16 each side's
+    rounding differs (oneDNN vs ATen GEMMs), so the outputs part after some tokens."""
     if len(runners) < 2:
         return {}
     res = {}
@@ -473,7 +490,7 @@ def token_parity(runs, runners) -> dict[str, Any]:
     return res
 
 
-def print_table(summary, runners, scenarios, arith, gemm, bw, parity) -> None:
+def print_table(summary, runners, scenarios, arith, gemm, bw, parity, label) -> None:
     names = [r.name for r in runners]
     print()
     print("== throughput (generated tokens / wall time of the call, prefill included; best) ==")
@@ -493,7 +510,7 @@ def print_table(summary, runners, scenarios, arith, gemm, bw, parity) -> None:
     print()
     mp = arith["matmul_params"]
     print(f"== roofline (matmul params incl. lm_head: {mp / 1e6:.1f} M -> {2 * mp / 1e6:.0f} "
-          f"MFLOP/token; fp32 weights read per decode step: "
+          f"MFLOP/token; {label} weights read per decode step: "
           f"{arith['weight_bytes_per_step'] / 1e6:.0f} MB) ==")
     print(f"  GEMM peak {gemm:.1f} GFLOP/s, READ bandwidth {bw:.1f} GB/s")
     conc = next(s for s in scenarios if s != "single")
