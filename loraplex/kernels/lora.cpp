@@ -229,19 +229,36 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   for (int64_t g = 0; g < G; ++g)
     for (int64_t t = of[g]; t < of[g + 1]; t += kChunk) items.emplace_back(g, t);
   const int64_t n_items = static_cast<int64_t>(items.size());
+  constexpr bool kWidenX = sizeof(T) == 2;
+  const int64_t rows[kChunk] = {0, 1, 2, 3, 4, 5, 6, 7};
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(kChunk * ldz);
+    std::vector<float> z(kChunk * ldz), xf(kWidenX ? kChunk * in : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t g = items[it].first, t0 = items[it].second;
-      const int64_t t1 = std::min(t0 + kChunk, of[g + 1]);
+      const int64_t t1 = std::min(t0 + kChunk, of[g + 1]), n = t1 - t0;
       const int64_t s = sl[g];
+      // bf16 activations: the item's rows widened to float32 once, for all its shards. The
+      // shrink broadcasts each x value to a vector, and a bf16 one costs three more µops
+      // there than a float load (measured: 64 tokens of 1 adapter, 5.95 -> 4.45 ms a step).
+      if constexpr (kWidenX) {
+        for (int64_t t = 0; t < n; ++t) {
+          const T* src = xp + tk[t0 + t] * in;
+          float* dst = xf.data() + t * in;
+          int64_t k = 0;
+          for (; k + Vec::W <= in; k += Vec::W) Vec::store(dst + k, Vec::load(src + k));
+          for (; k < in; ++k) dst[k] = to_f(src[k]);
+        }
+      }
       for (int64_t j = 0; j < nsh; ++j) {
         const int64_t r = rk[s * nsh + j];
         if (r == 0) continue;
         const W* At = app + (s * nsh + j) * RP * in;           // [in, rp]
         const W* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
-        shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xp, tk + t0, t1 - t0);
-        expand(yp, out, shard_off[j], ss[j], Bp, R, r, z.data(), ldz, tk + t0, t1 - t0);
+        if constexpr (kWidenX)
+          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xf.data(), rows, n);
+        else
+          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xp, tk + t0, n);
+        expand(yp, out, shard_off[j], ss[j], Bp, R, r, z.data(), ldz, tk + t0, n);
       }
     }
   });
