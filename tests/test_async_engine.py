@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -143,8 +144,8 @@ def test_acceptance_comes_before_outputs_and_refusals_come_there(tiny_model_fact
 def test_engine_is_built_on_its_step_thread_and_build_errors_reach_the_caller(
         tiny_model_factory):
     """An engine loaded on one thread and stepped on another decodes ~1.5x slower on CPU (the
-    kernels' per-thread state follows the loading thread), so a factory runs on the step
-    thread; what it raises is raised by the constructor."""
+    loading thread's OpenMP team throttles the stepping one's: engine/side_thread.py), so a
+    factory runs on the step thread; what it raises is raised by the constructor."""
     import threading
 
     from loraplex.engine.engine import Engine
@@ -167,3 +168,36 @@ def test_engine_is_built_on_its_step_thread_and_build_errors_reach_the_caller(
 
     with pytest.raises(ValueError, match="no such model"):
         AsyncEngine(broken)
+
+
+def test_adapter_loads_run_on_a_thread_without_an_openmp_team(tiny_model_factory, tmp_path):
+    """A thread that runs a parallel torch op gets its own OpenMP team, and while it lives the
+    step thread's team is throttled: one stream went from 18 to 26-32 ms per token after the
+    server's first adapter load (engine/side_thread.py). Loads run on a side thread whose torch
+    ops stay on that thread, and the step thread keeps all its threads."""
+    import torch
+    from lora_helpers import make_peft_adapter
+
+    from loraplex.engine.side_thread import _openmp_runtime
+
+    base = tiny_model_factory("llama")
+    path = make_peft_adapter(base, tmp_path / "a", seed=3, r=4, lora_alpha=8,
+                             target_modules=["q_proj"])
+    eng = AsyncEngine.from_config(EngineConfig(model=str(base), max_model_len=64,
+                                               enable_lora=True))
+
+    async def go():
+        await eng.add_lora("a", str(path))  # read and checked on the loader thread
+        loader = await eng._off_step(torch.get_num_threads)
+        stepper = await eng.call(lambda e: torch.get_num_threads())
+        return loader, stepper
+
+    try:
+        assert _openmp_runtime() is not None, "no OpenMP runtime found in this process"
+        loader, stepper = asyncio.run(go())
+        assert loader == 1
+        assert stepper == torch.get_num_threads()  # the step thread's own count, untouched
+        assert torch.get_num_threads() > 1 or (os.cpu_count() or 1) == 1
+        assert [a.name for a in eng.list_loras()] == ["a"]
+    finally:
+        eng.shutdown()

@@ -166,9 +166,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     print("measuring the roofline (GEMM peak, memory read bandwidth) ...", flush=True)
     machine = roofline.machine_facts()
-    machine["gemm_peak_gflops"] = roofline.measure_gemm_peak(cfg.gemm_n, budget_s=4)
+    # The GEMM ceiling is in the server's dtype: bf16 GEMMs peak ~2x fp32's here.
+    gemm_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype,
+                                                                             torch.float32)
+    machine["gemm_dtype"] = str(gemm_dtype).removeprefix("torch.")
+    machine["gemm_peak_gflops"] = roofline.measure_gemm_peak(cfg.gemm_n, dtype=gemm_dtype,
+                                                             budget_s=4)
     machine["read_bandwidth_gbps"] = roofline.measure_mem_bandwidth(cfg.bandwidth_mb, budget_s=4)
-    print(f"  GEMM peak {machine['gemm_peak_gflops']:.0f} GFLOP/s, read bandwidth "
+    print(f"  {machine['gemm_dtype']} GEMM peak {machine['gemm_peak_gflops']:.0f} GFLOP/s, read "
+          f"bandwidth "
           f"{machine['read_bandwidth_gbps']:.1f} GB/s")
 
     folder = model_folder(cfg.model)
@@ -354,7 +360,8 @@ def report_markdown(r: dict) -> str:
     cfg = r["config"]
     lines = [
         f"Machine: {m['cpu']}, {m['logical_cpus']} CPUs, torch {m['torch_version']}; measured "
-        f"now: GEMM peak **{m['gemm_peak_gflops']:.0f} GFLOP/s**, memory read bandwidth "
+        f"now: {m.get('gemm_dtype', 'float32')} GEMM peak **{m['gemm_peak_gflops']:.0f} "
+        f"GFLOP/s**, memory read bandwidth "
         f"**{m['read_bandwidth_gbps']:.1f} GB/s**.",
         f"Server: `--dtype {cfg['dtype']} --max-loras {cfg['max_loras']} --max-cpu-loras "
         f"{cfg['max_cpu_loras']} --max-num-seqs {cfg['max_num_seqs']}`; adapters r={cfg['rank']} "

@@ -5,7 +5,9 @@ server stays responsive. Requests are validated and tokenized on the caller's si
 (`Engine.prepare` is pure); adds, aborts and registry changes are handed to the step thread
 through an inbox and applied between steps, so the engine itself is only ever mutated by one
 thread. Disk reads of adapters (a runtime load, or a CPU-tier copy that was dropped) run on a
-worker thread before that hand-off, so a cold adapter never stalls the running batch.
+side thread before that hand-off, so a cold adapter never stalls the running batch; that thread
+runs its torch ops without an OpenMP team (`side_thread.py` says why: with a team, every step
+after the first load was ~1.5x slower).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine, EngineStats, PreparedRequest
+from loraplex.engine.side_thread import side_executor
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.request import RequestOutput
 from loraplex.sampling_params import SamplingParams
@@ -92,9 +95,9 @@ class AsyncEngine:
     Pass a built Engine, or (better) a function that builds one: it then runs on the step
     thread itself. Measured on the CPU: an engine loaded on one thread and stepped on another
     decodes ~1.5x slower (one stream: 45-52 ms vs 30 ms per token) than one loaded and stepped
-    on the same thread (stepping from the loading thread is fast too; the per-thread state
-    behind it, OpenMP teams or oneDNN's caches, is not pinned down). The constructor returns
-    once the engine is built, and re-raises what building it raised."""
+    on the same thread: the loading thread keeps the OpenMP team its torch ops started, and
+    two teams on two cores throttle each other (side_thread.py). The constructor returns once
+    the engine is built, and re-raises what building it raised."""
 
     def __init__(self, engine: Engine | Callable[[], Engine]) -> None:
         self._cv = threading.Condition()
@@ -104,6 +107,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._dead: BaseException | None = None
+        self._loader = side_executor("loraplex-loader")  # adapter reads, off the step path
         ready, failed = threading.Event(), []
 
         def main() -> None:
@@ -162,7 +166,7 @@ class AsyncEngine:
         if stale is None:
             return
         try:
-            fresh = await asyncio.to_thread(lm.load, stale.name, stale.path)
+            fresh = await self._off_step(lm.load, stale.name, stale.path)
         except Exception:  # the step thread retries at pin time and reports the error there
             log.warning("re-reading adapter %r off the step path failed", lora, exc_info=True)
             return
@@ -197,11 +201,15 @@ class AsyncEngine:
     async def add_lora(self, name: str, path: str) -> LoRAAdapter:
         """Read and validate on a worker thread, then register between steps."""
         lm = self.engine._lora_manager()
-        ad = await asyncio.to_thread(lm.load, name, path)
+        ad = await self._off_step(lm.load, name, path)
         return await self.call(lambda eng: eng._lora_manager().register(ad))
 
     async def remove_lora(self, name: str) -> bool:
         return await self.call(lambda eng: eng.remove_lora(name))
+
+    async def _off_step(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the loader thread (never asyncio's default executor: see above)."""
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     def list_loras(self) -> list[LoRAAdapter]:
         return self.engine.list_loras()
@@ -222,6 +230,7 @@ class AsyncEngine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout)
+        self._loader.shutdown(wait=False)
 
     # ---- step thread ------------------------------------------------------------------------
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
