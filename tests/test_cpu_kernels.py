@@ -33,9 +33,13 @@ def _reference_attention(q, kc, vc, tables, lens, scale, window):
     return out
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 64), (14, 2, 64), (8, 2, 128),
-                                              (6, 3, 40)])
-@pytest.mark.parametrize("window", [0, 20])
+HEADS = [(9, 3, 64), (4, 4, 64), (14, 2, 64), (8, 2, 128), (6, 3, 40)]
+HEADS_BF16 = [(9, 3, 64), (8, 2, 128), (6, 3, 40)]
+WINDOWS = [0, 20]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", HEADS)
+@pytest.mark.parametrize("window", WINDOWS)
 def test_paged_decode_attention(heads, kv_heads, d, window):
     g = torch.Generator().manual_seed(heads * 100 + d + window)
     bs, nblocks = 16, 64
@@ -93,8 +97,8 @@ def _assert_bf16_close(got, want, name, max_ulps=1, max_frac=0.01):
         f"{name}: {ulps.max().item()} bf16 steps off, {100 * frac:.2f}% of elements differ")
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 2, 128), (6, 3, 40)])
-@pytest.mark.parametrize("window", [0, 20])
+@pytest.mark.parametrize("heads,kv_heads,d", HEADS_BF16)
+@pytest.mark.parametrize("window", WINDOWS)
 def test_paged_decode_attention_bf16(heads, kv_heads, d, window):
     """bf16 q and caches: float32 arithmetic inside, the output rounded once."""
     g = torch.Generator().manual_seed(7 + heads + d + window)
@@ -146,3 +150,17 @@ def test_fused_ops_bf16_match_torch_bf16():
         got = full.clone()[:, :nh]  # strided, as the model passes it
         ops.rope_(got, cos, sin)
         _assert_bf16_close(got, want, f"rope_ D={d}")
+
+
+def run_all(built) -> None:
+    """Every check above against `built` (the same kernels compiled for another ISA:
+    tests/test_lora_kernel.py builds them for AVX2 and for plain C++ in a subprocess)."""
+    global ops
+    ops = built
+    for window in WINDOWS:
+        for h, hkv, d in HEADS:
+            test_paged_decode_attention(h, hkv, d, window)
+        for h, hkv, d in HEADS_BF16:
+            test_paged_decode_attention_bf16(h, hkv, d, window)
+    test_silu_mul_matches_torch()
+    test_fused_ops_bf16_match_torch_bf16()

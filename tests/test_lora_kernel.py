@@ -5,7 +5,8 @@ shard (a partial 32-column block), unadapted shards, and every dtype mix.
 
 The same check runs on the kernel compiled for each instruction set it has a body for: the
 native build (AVX-512 here), AVX2 + FMA and portable scalar code, each built in a subprocess (one
-process can register the op only once)."""
+process can register the op only once). The subprocess builds the attention and fused ops too
+(one `Vec` trait serves them all) and runs test_cpu_kernels.py's checks on them."""
 
 from __future__ import annotations
 
@@ -85,19 +86,27 @@ def test_kernel_isa_variant(isa, tmp_path):
     if isa == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX2")
     proc = subprocess.run([sys.executable, __file__, isa, str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(
+                          text=True, timeout=600, env={**os.environ, "LORAPLEX_NO_KERNELS": "1",
+                                                       "PYTHONPATH": str(
                               Path(__file__).resolve().parents[1])})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ok" in proc.stdout
 
 
 def _build_and_check(isa: str, build: str) -> None:
+    """All of loraplex's kernels built for `isa`: the LoRA kernel's checks here, the attention
+    and fused ops' checks of test_cpu_kernels.py (the native build stays unloaded: the parent
+    sets LORAPLEX_NO_KERNELS, and one process can register the `loraplex` ops only once)."""
+    import test_cpu_kernels
     from torch.utils.cpp_extension import load
 
-    load(name=f"loraplex_lora_{isa}", sources=[str(KERNEL_SRC)],
+    srcs = [KERNEL_SRC, KERNEL_SRC.with_name("paged_attention.cpp"),
+            KERNEL_SRC.with_name("fused_ops.cpp")]
+    load(name=f"loraplex_kernels_{isa}", sources=[str(p) for p in srcs],
          extra_cflags=["-O2", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
          build_directory=build, verbose=False, is_python_module=False)
     check_kernel(torch.ops.loraplex.lora_delta_)
+    test_cpu_kernels.run_all(torch.ops.loraplex)
     print("ok")
 
 
