@@ -152,6 +152,34 @@ def test_fused_ops_bf16_match_torch_bf16():
         _assert_bf16_close(got, want, f"rope_ D={d}")
 
 
+def test_argmax_rows_matches_torch():
+    """torch.argmax's answer on every row: the first of tied maxima (also across the kernel's
+    512-value blocks), NaN as the maximum (the first NaN), infinities, -0.0 == 0.0, widths
+    that are not a multiple of the vector or the block, and strided rows."""
+    g = torch.Generator().manual_seed(11)
+    for width in (1, 7, 16, 511, 512, 513, 49152 + 5):
+        x = torch.randn(12, width + 3, generator=g)[:, :width]  # strided rows
+        if width > 1:
+            x[1] = 0.0  # all tied: index 0
+            x[2, width // 2] = x[2, -1] = x[2].max() + 1  # tie: the first one
+            x[3, -1] = float("nan")
+            x[4, 0] = float("-inf")
+            x[5, width // 3] = float("inf")
+            x[5, -1] = float("inf")
+            x[6, :] = float("-inf")
+            x[7, width // 2] = float("nan")
+            x[7, -1] = float("inf")
+            x[8, :] = -0.0
+            x[8, -1] = 0.0
+            x[9, :] = -1.0
+        got = ops.argmax_rows(x)
+        assert torch.equal(got, x.argmax(dim=-1)), (width, got, x.argmax(dim=-1))
+    big = torch.randn(3, 4096, generator=g)
+    big[0, 100] = big[0, 3000] = 50.0  # the same max in two blocks: the first block's
+    assert ops.argmax_rows(big).tolist() == big.argmax(dim=-1).tolist() == [
+        100, *big[1:].argmax(dim=-1).tolist()]
+
+
 def run_all(built) -> None:
     """Every check above against `built` (the same kernels compiled for another ISA:
     tests/test_lora_kernel.py builds them for AVX2 and for plain C++ in a subprocess)."""
@@ -164,3 +192,4 @@ def run_all(built) -> None:
             test_paged_decode_attention_bf16(h, hkv, d, window)
     test_silu_mul_matches_torch()
     test_fused_ops_bf16_match_torch_bf16()
+    test_argmax_rows_matches_torch()

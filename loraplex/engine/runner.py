@@ -37,6 +37,7 @@ class ModelRunner:
         if ops is not None:
             self.decode_kernel = ops.paged_decode_attention
             model.use_cpu_kernels(ops)
+            sampler.argmax = ops.argmax_rows  # logits are float32 whatever the model's dtype
         # C++ segmented LoRA delta (CPU, fp32/bf16 activations and adapters), else the torch path
         self.lora_kernel = (lora_kernel_for(device, dtype, lora_dtype, use_kernels)
                             if lora_dtype is not None else None)

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "vec.h"
@@ -133,7 +134,65 @@ void cache_write_impl(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_ca
     }
 }
 
+// First index of the row's maximum, as torch.argmax: ties go to the first, a NaN is the
+// maximum (the first NaN wins). One vector pass keeps the max of each block of kArgBlock
+// values and whether the row holds a NaN or an infinity (x - x is then NaN; such rows take a
+// plain scalar scan); then only the first block whose max is the row's max is scanned.
+constexpr int64_t kArgBlock = 512;
+
+inline int64_t argmax_row(const float* x, int64_t n) {
+  float best = -INFINITY, odd = 0.f;
+  int64_t best_block = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += kArgBlock) {
+    const int64_t b1 = std::min(n, b0 + kArgBlock);
+    V vmax = Vec::set1(-INFINITY), vodd = Vec::zero();
+    int64_t i = b0;
+    for (; i + Vec::W <= b1; i += Vec::W) {
+      const V v = Vec::load(x + i);
+      vmax = Vec::max(vmax, v);
+      vodd = Vec::add(vodd, Vec::sub(v, v));
+    }
+    float m = Vec::reduce_max(vmax);
+    odd += Vec::reduce_add(vodd);
+    for (; i < b1; ++i) {
+      m = std::max(m, x[i]);
+      odd += x[i] - x[i];
+    }
+    if (m > best) {  // strictly greater: an equal max in a later block loses the tie
+      best = m;
+      best_block = b0;
+    }
+  }
+  if (std::isnan(odd)) {  // NaN or +-inf somewhere: torch's comparison order, exactly
+    int64_t arg = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (std::isnan(x[j])) return j;
+      if (x[j] > x[arg]) arg = j;
+    }
+    return arg;
+  }
+  for (int64_t i = best_block; i < n; ++i)
+    if (x[i] == best) return i;
+  return best_block;  // unreachable: best is one of the block's values
+}
+
 }  // namespace
+
+// logits: [R, V] float32 with a unit inner stride -> [R] int64, torch.argmax(logits, -1).
+// ATen's reduction took 1.35 ms for 64 x 49152 here (~21 us a row, 43 us for a lone row).
+at::Tensor argmax_rows(at::Tensor logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat &&
+                  logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
+              "argmax_rows: [R, V] float32 CPU logits with V > 0 and a unit inner stride");
+  const int64_t r = logits.size(0), n = logits.size(1), ld = logits.stride(0);
+  auto out = at::empty({r}, logits.options().dtype(at::kLong));
+  const float* xp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, r, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) op[i] = argmax_row(xp + i * ld, n);
+  });
+  return out;
+}
 
 // residual = residual + x (in place); returns rms_norm(residual) * weight. Same math as
 // transformers' LlamaRMSNorm: h * rsqrt(mean(h^2) + eps) in float32.
@@ -215,6 +274,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("cache_write_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor kv_rows) -> ()");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
@@ -222,4 +282,5 @@ TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_", &rope_);
   m.impl("cache_write_", &cache_write_);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -39,7 +39,9 @@ struct Vec {
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R div(R a, R b) { return _mm512_div_ps(a, b); }
   static R exp(R x) { return exp16(x); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // NaN: see argmax_rows
   static float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
+  static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
   // out[0..4) = the lane sums of a0..a3 (one shuffle tree for all four).
   static void sum4(R a0, R a1, R a2, R a3, float* out) {
     auto fold = [](R a) {
@@ -95,6 +97,12 @@ struct Vec {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R exp(R x) { return exp8(x); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float reduce_max(R v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  }
   static float reduce_add(R v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -147,7 +155,9 @@ struct Vec {
   static R mul(R a, R b) { return a * b; }
   static R div(R a, R b) { return a / b; }
   static R exp(R x) { return exp1(x); }
+  static R max(R a, R b) { return a > b ? a : b; }
   static float reduce_add(R v) { return v; }
+  static float reduce_max(R v) { return v; }
   static void sum4(R a0, R a1, R a2, R a3, float* out) {
     out[0] = a0;
     out[1] = a1;

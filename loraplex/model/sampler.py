@@ -9,9 +9,15 @@ Returned logprobs are the model's raw log-softmax (before penalties and temperat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loraplex.engine.batch import SampledToken, ScheduledRow
+
+
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
 
 
 class Sampler:
@@ -21,6 +27,8 @@ class Sampler:
         self.default_gen = torch.Generator(device=device)
         self.default_gen.manual_seed(seed)
         self._gens: dict[int, torch.Generator] = {}
+        # [R, V] float32 -> [R] int64, torch.argmax's result; the runner installs the C++ one.
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = _torch_argmax
 
     def drop(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
@@ -60,7 +68,7 @@ class Sampler:
 
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax(logits)
         else:
             tokens = self._sample(logits, rows, greedy)
         return self._outputs(tokens, rows, raw_lp, want_lp)
@@ -91,7 +99,7 @@ class Sampler:
         params = [r.params for r in rows]
         dev = self.device
         greedy_t = torch.tensor(greedy, device=dev)
-        argmax = logits.argmax(dim=-1)
+        argmax = self.argmax(logits)
         temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
                              device=dev, dtype=logits.dtype)
         logits = logits / temps.unsqueeze(1)
@@ -123,7 +131,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.seed is not None and not greedy[i]:
                 noise[i].exponential_(generator=self._gen(r))
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = self.argmax(probs / noise)
         return torch.where(greedy_t, argmax, sampled)
 
     def _outputs(self, tokens: torch.Tensor, rows: list[ScheduledRow],
