@@ -199,7 +199,7 @@ class AsyncEngine:
         return await fut
 
     async def add_lora(self, name: str, path: str) -> LoRAAdapter:
-        """Read and validate on a worker thread, then register between steps."""
+        """Read and validate on the loader thread, then register between steps."""
         lm = self.engine._lora_manager()
         ad = await self._off_step(lm.load, name, path)
         return await self.call(lambda eng: eng._lora_manager().register(ad))
