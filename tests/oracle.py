@@ -55,3 +55,21 @@ def max_logit_error(hf_model, prompt: list[int], generated: list[int],
     start = len(prompt) - 1
     assert len(ours) == len(generated)
     return max((ours[j] - ref[start + j]).abs().max().item() for j in range(len(generated)))
+
+
+def assert_bf16_as_close_as_hf(llm: LLM, fp32_model, hf16_model, prompts: list[list[int]],
+                               n: int, min_effect: float, label: str = "") -> None:
+    """Teacher-forced on our greedy tokens: our bf16 logits are no further from the fp32 model
+    than transformers' own bf16 run (`hf16_model`) is, worst prompt within 1.5x and the sum
+    within 1.25x (one prompt alone varies +-30% either way with bf16's noise). `min_effect`:
+    bf16 must move HF's logits at least this much, so the bound is not vacuous."""
+    ours, logits = ours_greedy_with_logits(llm, prompts, n)
+    ours_err, hf_err = [], []
+    for p, toks in zip(prompts, ours):
+        start = len(p) - 1
+        theirs = list(hf_logits(hf16_model, p + toks)[start:start + len(toks)])
+        ours_err.append(max_logit_error(fp32_model, p, toks, logits[tuple(p)]))
+        hf_err.append(max_logit_error(fp32_model, p, toks, theirs))
+    assert min(hf_err) > min_effect, f"{label}: HF bf16 errors {hf_err}"
+    assert max(ours_err) <= 1.5 * max(hf_err), f"{label}: ours {ours_err}, HF bf16 {hf_err}"
+    assert sum(ours_err) <= 1.25 * sum(hf_err), f"{label}: ours {ours_err}, HF bf16 {hf_err}"

@@ -111,20 +111,10 @@ def test_bf16_default_as_close_to_fp32_as_transformers_bf16(smollm2_dir, hf):
     """The embedded model in bf16 (what `--dtype auto` picks on this CPU), C++ kernels on:
     teacher-forced on our greedy tokens, our logits are no further from the fp32 model than
     transformers' own bf16 run of the same weights is."""
-    from oracle import hf_logits
+    from oracle import assert_bf16_as_close_as_hf
 
     llm16 = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=1024)
     assert llm16.engine.runner.decode_kernel is not None
     hf16 = hf_load(smollm2_dir, dtype=torch.bfloat16)
-    prompts = [_chat_ids(llm16, p) for p in PROMPTS]
-    ours, logits = ours_greedy_with_logits(llm16, prompts, N_NEW)
-    ours_err, hf_err = [], []
-    for p, toks in zip(prompts, ours):
-        start = len(p) - 1
-        theirs = list(hf_logits(hf16, p + toks)[start:start + len(toks)])
-        ours_err.append(max_logit_error(hf, p, toks, logits[tuple(p)]))
-        hf_err.append(max_logit_error(hf, p, toks, theirs))
-    print(f"bf16 logits vs fp32: ours {ours_err}, transformers bf16 {hf_err}")
-    assert min(hf_err) > 1e-2  # bf16 does move the logits: the bound below is not vacuous
-    assert max(ours_err) <= 1.5 * max(hf_err), f"ours {ours_err}, HF bf16 {hf_err}"
-    assert sum(ours_err) <= 1.25 * sum(hf_err), f"ours {ours_err}, HF bf16 {hf_err}"
+    assert_bf16_as_close_as_hf(llm16, hf, hf16, [_chat_ids(llm16, p) for p in PROMPTS], N_NEW,
+                               min_effect=1e-2, label="SmolLM2")
