@@ -58,6 +58,24 @@ def test_bf16_as_close_to_fp32_as_transformers_bf16(tiny_model_factory, family, 
                                label=family)
 
 
+def test_bf16_unpacked_weights_as_close_as_transformers_bf16(tiny_model_factory, monkeypatch):
+    """On a CPU whose oneDNN cannot pack bf16 weights (AVX2 only: it refuses the reorder), bf16
+    weights stay plain and run through F.linear. Forced here on any CPU: the model loads, no
+    weight is packed, and the result is as close as transformers' bf16."""
+    from loraplex.model import layers
+
+    monkeypatch.setattr(layers, "onednn_packs_bf16", lambda: False)
+    path = tiny_model_factory("llama")
+    fp32, hf16 = hf_load(path), hf_load(path, dtype=torch.bfloat16)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=256, block_size=8)
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, layers.Linear)]
+    assert linears and all(m.packed is None and m.weight is not None for m in linears)
+    assert getattr(model, "lm_head_packed", None) is None
+    assert_bf16_as_close_as_hf(llm, fp32, hf16, _prompts(5, seed=3), N_NEW, min_effect=1e-3,
+                               label="llama unpacked")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral_window"])
 def test_chunked_prefill_and_preemption_match_hf(tiny_model_factory, family):
     """Prompts longer than the token budget are prefilled in chunks over cached KV blocks, and a

@@ -505,8 +505,8 @@ def test_gemm_row_padding_bounds_shapes_and_changes_no_result():
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         w = torch.randn(96, 64, generator=g).to(dtype)
-        if not can_pack(w):
-            pytest.skip("no oneDNN")
+        if not can_pack(w):  # no oneDNN, or (bf16) a CPU without AVX-512: nothing packs
+            continue
         packed = pack_weight(w, 16)
         x = torch.randn(300, 64, generator=g).to(dtype)
         for m in (1, 16, 17, 33, 65, 100, 129, 300):

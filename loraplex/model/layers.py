@@ -42,8 +42,18 @@ class RMSNorm(nn.Module):
 
 
 def can_pack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    """Whether oneDNN can pre-pack `w` here. Its bf16 path needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT (an AVX2-only CPU refuses the reorder); bf16 weights there stay plain and
+    run through F.linear (slow but exact, and `--dtype auto` picks fp32 on such CPUs anyway)."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if w.dtype == torch.bfloat16:
+        return onednn_packs_bf16()
+    return w.dtype == torch.float32
+
+
+def onednn_packs_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(w: torch.Tensor, batch_hint: int) -> torch.Tensor:
