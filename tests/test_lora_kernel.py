@@ -4,7 +4,7 @@ group), ranks whose padded width needs one, two or three vectors (masked tails),
 shard (a partial 32-column block), unadapted shards, and every dtype mix.
 
 The same check runs on the kernel compiled for each instruction set it has a body for: the
-native build (AVX-512 here), AVX2 + FMA and portable scalar code, each built in a subprocess (one
+native build (AVX-512 or AVX2, as the CPU has), AVX2 + FMA and portable scalar code, each built in a subprocess (one
 process can register the op only once). The subprocess builds the attention and fused ops too
 (one `Vec` trait serves them all) and runs test_cpu_kernels.py's checks on them."""
 
@@ -112,3 +112,21 @@ def _build_and_check(isa: str, build: str) -> None:
 
 if __name__ == "__main__":
     _build_and_check(sys.argv[1], sys.argv[2])
+
+
+def test_kernel_builds_are_kept_per_cpu():
+    """torch's extension cache rebuilds on a source or flag change, not on a CPU change: a
+    `-march=native` build from an AVX-512 machine, found in a home folder shared with an AVX2
+    one, would die there of an illegal instruction. So each CPU kind builds in its own folder."""
+    from loraplex.kernels import cpu_tag, kernels
+    from loraplex.model.gguf_convert import cache_root
+
+    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    zen2 = "processor\t: 0\nmodel name\t: AMD EPYC 7R32\nflags\t\t: fpu avx2\n"
+    assert cpu_tag(zen4) != cpu_tag(zen2)
+    assert cpu_tag(zen4) == cpu_tag(zen4.replace("fpu avx2 avx512f", "avx512f fpu avx2"))
+    assert cpu_tag(zen4) != cpu_tag(zen4.replace("9R14", "9R15"))
+    if os.environ.get("LORAPLEX_NO_KERNELS") or kernels() is None:
+        pytest.skip("the C++ kernels are not built here")
+    built = cache_root() / "kernels" / cpu_tag()
+    assert list(built.glob("loraplex_kernels*.so")), f"no build in {built}"

@@ -4,8 +4,10 @@ once on the log): the kernels are an optimization, never a requirement."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -13,6 +15,29 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _module = None
 _failed = False
+
+
+def cpu_tag(cpuinfo: str | None = None) -> str:
+    """A short name for what `-march=native` compiles for on this CPU: its model name and
+    instruction-set flags. Builds live in one folder per tag, because torch's extension cache
+    rebuilds on a source or flag change but not on a CPU change: an AVX-512 build left in a
+    home folder shared with an AVX2-only machine would die there of an illegal instruction."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model = flags = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = " ".join(sorted(value.split()))
+    ident = f"{platform.machine()}|{model}|{flags}" if flags else \
+        f"{platform.machine()}|{platform.processor()}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 def kernels():
@@ -31,7 +56,7 @@ def kernels():
 
             from loraplex.model.gguf_convert import cache_root
 
-            build = cache_root() / "kernels"
+            build = cache_root() / "kernels" / cpu_tag()
             build.mkdir(parents=True, exist_ok=True)
             here = Path(__file__).parent
             srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp")]
