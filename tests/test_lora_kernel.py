@@ -1,12 +1,14 @@
 """The C++ LoRA kernel's register tiles against the fp32 per-row reference, at shapes that reach
-every tile and pass: groups of 1..21 tokens (token tiles of 8, 4, 2 and 1, several work items per
+every tile and pass: groups of 1..21 tokens (every token tile: 8, 4, 2 and 1 tokens with
+AVX-512, 6 down to 1 with AVX2; several work items per
 group), ranks whose padded width needs one, two or three vectors (masked tails), a 40-column
 shard (a partial 32-column block), unadapted shards, and every dtype mix.
 
 The same check runs on the kernel compiled for each instruction set it has a body for: the
-native build (AVX-512 or AVX2, as the CPU has), AVX2 + FMA and portable scalar code, each built in a subprocess (one
-process can register the op only once). The subprocess builds the attention and fused ops too
-(one `Vec` trait serves them all) and runs test_cpu_kernels.py's checks on them."""
+native build (AVX-512 or AVX2, as the CPU has), AVX2 + FMA and portable scalar code, each built
+in a subprocess (one process can register the op only once). The subprocess builds the
+attention and fused ops too (one `Vec` trait serves them all) and runs test_cpu_kernels.py's
+checks on them."""
 
 from __future__ import annotations
 

@@ -12,9 +12,10 @@
 //
 // Both halves are register-tiled outer products, with no horizontal sums: shrink keeps a
 // tokens x rank tile of z = x A^T in registers while it streams A^T's rows (one rank vector per
-// input feature, broadcasting x[t][k]); expand keeps a tokens x 32-column tile of y while it
-// streams B^T's rows (broadcasting z[t][i]). Each weight load feeds up to 8 tokens' FMAs, so the
-// FMA units, not the loads, set the pace. One body serves every ISA through `Vec` (AVX-512,
+// input feature, broadcasting x[t][k]); expand keeps a tokens x 32-column tile of y (16 columns
+// on AVX2) while it streams B^T's rows (broadcasting z[t][i]). Each weight load feeds up to 8
+// tokens' FMAs and stays in a register for all of them (`Vec::keep`), so the FMA units, not the
+// loads, set the pace. One body serves every ISA through `Vec` (AVX-512,
 // AVX2 or scalar). A token's sums run in the same order whatever tile it lands in, so a row's
 // result does not depend on the rest of the batch.
 //
@@ -33,18 +34,21 @@
 
 namespace {
 
+using loraplex_vec::bf16;
+using loraplex_vec::put;
+using loraplex_vec::to_f;
+using loraplex_vec::Vec;
+
 constexpr int64_t kChunk = 8;  // tokens per work item (and the widest token tile)
 // Software prefetch into L2, ahead of the loads: shrink reads A^T this many bytes ahead, expand
 // pulls in the B block this many blocks ahead. A rank-16 fp32 A^T row is one cache line used
 // by 8 FMAs, faster than the hardware prefetcher ramps up on these short streams, and L1 holds
 // too few outstanding misses to cover DRAM latency. Measured on the 8 adapters x 8 tokens step
 // (benchmarks/bench_lora_kernel.py): 7.6-8.0 ms with one block ahead into L1, 6.1-6.6 ms so.
+// On AVX2 (Zen 2) the B prefetch measured neutral to 5-10% slower (one step's 120 calls, 64
+// tokens over 1-32 adapters, caches flushed between steps), so it is AVX-512 only.
 constexpr int64_t kAheadBytes = 4096;
-constexpr int64_t kAheadBlocks = 2;
-using loraplex_vec::bf16;
-using loraplex_vec::put;
-using loraplex_vec::to_f;
-using loraplex_vec::Vec;
+constexpr int64_t kAheadBlocks = Vec::W == 8 ? 0 : 2;
 
 using V = Vec::R;
 
@@ -75,6 +79,8 @@ inline void shrink_tile(float* z, int64_t ldz, const W* at, int64_t rp, int64_t 
 #pragma GCC unroll 2
     for (int c = 0; c + 1 < CG; ++c) a[c] = Vec::load(row + c * Vec::W);
     a[CG - 1] = Vec::load(row + (CG - 1) * Vec::W, last);
+#pragma GCC unroll 2
+    for (int c = 0; c < CG; ++c) Vec::keep(a[c]);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       const V xv = Vec::set1(to_f(xs[t][k]));
@@ -129,19 +135,22 @@ inline void shrink(float* z, int64_t ldz, const W* at, int64_t rp, int64_t in, c
   }
 }
 
-// ys[t][0:32] += sum_i z[t][i] * b[i * 32 + 0:32] for t < NT (b: one packed block, r rows).
-template <int NT, typename W, typename T>
-inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz) {
-  constexpr int NV = static_cast<int>(32 / Vec::W);
+// ys[t][col : col + NV*W] += sum_i z[t][i] * b[i * 32 + col : ...] for t < NT (b: one packed
+// block of 32 columns, r rows).
+template <int NT, int NV, typename W, typename T>
+inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
+                        int64_t col) {
   V acc[NT][NV];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[t][v] = Vec::load(ys[t] + v * Vec::W);
+    for (int v = 0; v < NV; ++v) acc[t][v] = Vec::load(ys[t] + col + v * Vec::W);
   for (int64_t i = 0; i < r; ++i) {
     V bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + i * 32 + v * Vec::W);
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + i * 32 + col + v * Vec::W);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) Vec::keep(bv[v]);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       const V w = Vec::set1(z[t * ldz + i]);
@@ -152,7 +161,49 @@ inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) Vec::store(ys[t] + v * Vec::W, acc[t][v]);
+    for (int v = 0; v < NV; ++v) Vec::store(ys[t] + col + v * Vec::W, acc[t][v]);
+}
+
+// All of one 32-column block for NT tokens, NV vectors at a time.
+template <int NT, int NV, typename W, typename T>
+inline void expand_block(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz) {
+  for (int64_t col = 0; col < 32; col += NV * Vec::W)
+    expand_tile<NT, NV>(ys, b, r, z, ldz, col);
+}
+
+// n <= kChunk tokens of one full block.
+template <typename W, typename T>
+inline void expand_tokens(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
+                          int64_t n) {
+  constexpr int kFull = static_cast<int>(32 / Vec::W);
+  if constexpr (Vec::W == 8) {
+    // AVX2: 16 registers and a 5-cycle FMA latency on 2 pipes want >= 10 independent sums:
+    // tiles of 6 tokens x 16 columns (12 sums, 2 weight vectors, 1 broadcast); the 1-2 token
+    // rest takes whole 32-column rows (4-8 sums).
+    int64_t t = 0;
+    for (; t + 6 <= n; t += 6) expand_block<6, 2>(ys + t, b, r, z + t * ldz, ldz);
+    switch (n - t) {
+      case 5: expand_block<5, 2>(ys + t, b, r, z + t * ldz, ldz); break;
+      case 4: expand_block<4, 2>(ys + t, b, r, z + t * ldz, ldz); break;
+      case 3: expand_block<3, 2>(ys + t, b, r, z + t * ldz, ldz); break;
+      case 2: expand_block<2, 4>(ys + t, b, r, z + t * ldz, ldz); break;
+      case 1: expand_block<1, 4>(ys + t, b, r, z + t * ldz, ldz); break;
+      default: break;
+    }
+  } else {
+    constexpr int kNT = tile_tokens(kFull);
+    int64_t t = 0;
+    for (; t + kNT <= n; t += kNT) expand_block<kNT, kFull>(ys + t, b, r, z + t * ldz, ldz);
+    if (kNT > 4 && t + 4 <= n) {
+      expand_block<(kNT > 4 ? 4 : 1), kFull>(ys + t, b, r, z + t * ldz, ldz);
+      t += 4;
+    }
+    if (kNT > 2 && t + 2 <= n) {
+      expand_block<(kNT > 2 ? 2 : 1), kFull>(ys + t, b, r, z + t * ldz, ldz);
+      t += 2;
+    }
+    for (; t < n; ++t) expand_block<1, kFull>(ys + t, b, r, z + t * ldz, ldz);
+  }
 }
 
 // y[tok[t], o0 + 32c : +32] += sum_i z[t][i] * Bp[c][i][:] over the shard's column blocks c.
@@ -162,29 +213,19 @@ template <typename W, typename T>
 inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t R,
                    int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n) {
   constexpr int64_t kLine = 64 / sizeof(W);
-  constexpr int kNT = tile_tokens(static_cast<int>(32 / Vec::W));
   const int64_t nblk = (on + 31) / 32;
   T* ys[kChunk];
   for (int64_t c = 0; c < nblk; ++c) {
     const W* b = Bp + c * R * 32;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
-    if (c + kAheadBlocks < nblk)  // a later block's r rows of 32 weights (1-2 lines each)
+    // a later block's r rows of 32 weights (1-2 lines each)
+    if (kAheadBlocks > 0 && c + kAheadBlocks < nblk)
       for (int64_t i = 0; i < r; ++i)
         for (int64_t l = 0; l < 32; l += kLine)
           Vec::prefetch(b + kAheadBlocks * R * 32 + i * 32 + l);
     if (w == 32) {
       for (int64_t t = 0; t < n; ++t) ys[t] = y + tok[t] * ldy + o0 + c * 32;
-      int64_t t = 0;
-      for (; t + kNT <= n; t += kNT) expand_tile<kNT>(ys + t, b, r, z + t * ldz, ldz);
-      if (kNT > 4 && t + 4 <= n) {
-        expand_tile<(kNT > 4 ? 4 : 1)>(ys + t, b, r, z + t * ldz, ldz);
-        t += 4;
-      }
-      if (kNT > 2 && t + 2 <= n) {
-        expand_tile<(kNT > 2 ? 2 : 1)>(ys + t, b, r, z + t * ldz, ldz);
-        t += 2;
-      }
-      for (; t < n; ++t) expand_tile<1>(ys + t, b, r, z + t * ldz, ldz);
+      expand_tokens(ys, b, r, z, ldz, n);
       continue;
     }
     // Partial block: accumulate in float32, round once.
