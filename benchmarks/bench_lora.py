@@ -5,6 +5,9 @@
     alternately. Beside each ratio, the physical floor: every decode step must read the weights
     of each distinct adapter it uses once, so LoRA's extra step time is at least
     (distinct adapters per step x adapter bytes) / memory read bandwidth (measured now).
+    Steady decode is measured on two engines of the same configuration whose steps are
+    interleaved one by one (one decodes the requests on the base, the other over the adapters,
+    roles swapped every round): the median ratio of such pairs resists this machine's noise.
 (b) vs transformers + PEFT mixed-adapter batches (`generate(adapter_names=...)`): `--peft-requests`
     requests over `--peft-adapters` adapters, same prompts, greedy, both fp32, alternated;
 (c) cold adapter load time (disk -> validated CPU copy) p50/p99, into fresh memory (beside the
@@ -67,26 +70,36 @@ def run_once(llm, prompts, names, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_steps(llm, prompts, names, steps: int) -> list[float]:
-    """Seconds per engine step in steady-state decode: every request admitted and prefilled,
-    each step then decodes one token for all of them. Requests are aborted afterwards."""
+def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[float, float]]:
+    """Steady-state decode of the same requests on two engines of one configuration, one
+    without adapters and one over `names`, their steps interleaved one by one (in alternating
+    order): (base step, LoRA step) pairs in seconds, each pair taken within ~0.2 s of machine
+    time, so the ratio of a pair is immune to the noise that shifts whole runs here. Every
+    request is admitted and prefilled first; each timed step decodes one token for all."""
     from loraplex import SamplingParams
 
-    eng = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    rids = [eng.add_request(None, sp, prompt_token_ids=p, lora=names[i] if names else None)
-            for i, p in enumerate(prompts)]
-    for _ in range(3):  # admission + prefill
-        eng.step()
-    assert len(eng.scheduler.running) == len(prompts), "not all requests decode together"
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        eng.step()
-        ts.append(time.perf_counter() - t0)
-    for rid in rids:
-        eng.abort_request(rid)
-    return ts
+    runs = []
+    for llm, nm in ((base_llm, None), (lora_llm, names)):
+        eng = llm.engine
+        rids = [eng.add_request(None, sp, prompt_token_ids=p, lora=nm[i] if nm else None)
+                for i, p in enumerate(prompts)]
+        for _ in range(3):  # admission + prefill
+            eng.step()
+        assert len(eng.scheduler.running) == len(prompts), "not all requests decode together"
+        runs.append((eng, rids))
+    pairs = []
+    for s in range(steps):
+        t = [0.0, 0.0]
+        for i in ((0, 1) if s % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            runs[i][0].step()
+            t[i] = time.perf_counter() - t0
+        pairs.append((t[0], t[1]))
+    for eng, rids in runs:
+        for rid in rids:
+            eng.abort_request(rid)
+    return pairs
 
 
 def bench_vs_peft(llm, folder: Path, paths: list[Path], prompts: list[list[int]],
@@ -243,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     del warm
     steps = args.new_tokens  # decode steps carry the requests' tokens
     rows = []
+    twin = None  # the second engine of the steady-decode pairs, made on first use
     for k in ks:
         names = [f"a{i % k}" for i in range(args.requests)]
         run_once(llm, prompts[:min(len(prompts), 2 * k)], names[:min(len(prompts), 2 * k)], 2)
@@ -252,19 +266,25 @@ def main(argv: list[str] | None = None) -> dict:
             for nm, acc in (order if rep % 2 == 0 else order[::-1]):
                 acc.append(run_once(llm, prompts, nm, args.new_tokens))
         tb, tl = min(base_t), min(lora_t)
-        # Steady-state decode, alternated in short rounds: the median step is robust to the
-        # machine's noise, which shifts whole 15 s runs by several percent here. Only when
-        # every request can decode in the same step (distinct adapters <= slots).
-        sb, sl = [], []
+        # Steady-state decode on two engines of the same configuration, their steps
+        # interleaved one by one (see decode_paired); the engines swap roles every round, so
+        # neither's memory placement favours a side. Only when every request can decode in the
+        # same step (distinct adapters <= slots).
+        pairs = []
         steady = min(k, args.requests) <= args.max_loras
         for rnd in range(args.decode_rounds if steady else 0):
-            order = [(None, sb), (names, sl)]
-            for nm, acc in (order if rnd % 2 == 0 else order[::-1]):
-                acc.extend(decode_steps(llm, prompts, nm, args.decode_steps))
-        sb.sort()
-        sl.sort()
+            if twin is None:
+                twin = make_llm(args.dtype, args.lora_dtype)
+                for i in range(min(max(ks), args.max_loras)):
+                    twin.add_lora(f"a{i}", str(paths[i]))
+            a, b = (llm, twin) if rnd % 2 == 0 else (twin, llm)
+            pairs.extend(decode_paired(a, b, prompts, names, args.decode_steps))
+        sb = sorted(p[0] for p in pairs)
+        sl = sorted(p[1] for p in pairs)
+        paired = sorted(p[0] / p[1] for p in pairs)
         step_b = sb[len(sb) // 2] if sb else float("nan")
         step_l = sl[len(sl) // 2] if sl else float("nan")
+        paired_ratio = paired[len(paired) // 2] if paired else float("nan")
         distinct_per_step = min(k, args.max_loras, args.requests)
         floor_step = distinct_per_step * adapter_bytes / (bw * 1e9)
         extra_step = (tl - tb) / steps
@@ -275,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
                "extra_over_floor": extra_step / floor_step if floor_step else None,
                "floor_ratio": (tb / steps) / (tb / steps + floor_step),
                "decode_step_base_ms": 1e3 * step_b, "decode_step_lora_ms": 1e3 * step_l,
-               "decode_ratio": step_b / step_l,
+               "decode_ratio": step_b / step_l, "decode_paired_ratio": paired_ratio,
                "decode_extra_ms_per_step": 1e3 * (step_l - step_b),
                "decode_extra_over_floor": (step_l - step_b) / floor_step,
                "decode_floor_ratio": step_b / (step_b + floor_step)}
@@ -290,10 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['floor_ratio']:.3f}x", flush=True)
         if steady:
             print(f"    steady decode: base {row['decode_step_base_ms']:6.1f} ms/step, lora "
-                  f"{row['decode_step_lora_ms']:6.1f} ms/step -> {row['decode_ratio']:.3f}x | "
+                  f"{row['decode_step_lora_ms']:6.1f} ms/step -> {row['decode_ratio']:.3f}x "
+                  f"(median of paired steps {row['decode_paired_ratio']:.3f}x) | "
                   f"extra {row['decode_extra_ms_per_step']:5.1f} ms = "
                   f"{row['decode_extra_over_floor']:.2f}x floor; best possible "
                   f"{row['decode_floor_ratio']:.3f}x", flush=True)
+    twin = None  # frees its memory before (b)
     peft_res = None
     if not args.skip_peft:
         try:
