@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +57,55 @@ class LoRAModule:
         return self.a.shape[0]
 
 
+class ModuleTable(Mapping[tuple[int, str], LoRAModule]):
+    """An adapter's modules: one flat tensor holding every A and B, and a table of where each
+    lies in it; a `LoRAModule` of views is made on access.
+
+    Why not a dict of tensors: 210 modules as separate tensors are ~1000 Python objects that
+    the cyclic GC scans on every full collection, and 128 adapters in the CPU tier made one
+    such collection take 29 ms (measured on the 2-core Zen 2 VM) in the middle of a load, or of
+    a step: the collector holds the GIL. The table holds only ints, floats and strings, which
+    the GC stops tracking, so an adapter is a handful of tracked objects however large.
+    Invariant: the table's offsets and shapes were checked against `flat` when it was built.
+    """
+
+    __slots__ = ("_where", "flat")
+
+    def __init__(self, flat: torch.Tensor,
+                 where: dict[tuple[int, str], tuple[int, int, int, int, int, int, float]]) -> None:
+        self.flat = flat  # [n] in the adapter's dtype
+        # (layer, proj) -> (A offset, r, in, B offset, out, r, scale), offsets in elements
+        self._where = where
+
+    def __getitem__(self, key: tuple[int, str]) -> LoRAModule:
+        ao, ar, ac, bo, br, bc, scale = self._where[key]
+        f = self.flat
+        return LoRAModule(key[0], key[1], f[ao:ao + ar * ac].view(ar, ac),
+                          f[bo:bo + br * bc].view(br, bc), scale)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def max_rank(self) -> int:
+        return max(w[1] for w in self._where.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.element_size() * sum(
+            w[1] * w[2] + w[4] * w[5] for w in self._where.values())
+
+
 @dataclass(slots=True)
 class LoRAAdapter:
     name: str
     path: str
     version: str  # content hash of config + weights: a changed folder is a new version
     # The CPU copy; None while evicted from the CPU tier (reloaded from `path` on next use).
-    modules: dict[tuple[int, str], LoRAModule] | None
+    modules: ModuleTable | None
     base_model_name_or_path: str | None
     nbytes: int = 0  # size of A and B weights in `dtype`
     max_rank: int = 0
@@ -110,34 +151,38 @@ def _check_config(cfg: dict, where: str) -> None:
         raise LoRAError(f"{where}: r must be a positive integer, got {cfg.get('r')!r}")
 
 
-def _all_finite(raw: bytes | memoryview, tensors: dict[str, torch.Tensor]) -> bool:
-    """One pass over a safetensors data region when every tensor is F32 (the common case),
-    instead of one isfinite per tensor (hundreds of small calls)."""
-    try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(bytes(raw[8:8 + n]))
-        if all(v.get("dtype") == "F32" for k, v in header.items() if k != "__metadata__"):
-            if len(raw) == 8 + n:
-                return True
-            with warnings.catch_warnings():  # read-only view: we only read it
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.frombuffer(raw, dtype=torch.float32, offset=8 + n)
-            # NaN and inf propagate into the sum (a finite overflow would need values no
-            # adapter has); one reduction is several times cheaper than isfinite().all().
-            return bool(torch.isfinite(data.sum()))
-    except (ValueError, TypeError):
-        pass
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-
-
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F64": torch.float64}
 
 
-def _parse_safetensors(data: bytearray, size: int) -> dict[str, torch.Tensor]:
-    """Tensors as zero-copy views of one buffer (safetensors' own loader copies every tensor
-    into a fresh allocation, which cost ~100 ms per 20 MB adapter inside a large process).
-    Every declared offset and size is checked against the file before any view is made."""
+@dataclass(slots=True)
+class _Weights:
+    """A weights file's tensors before validation: name -> (dtype, shape), and where the data
+    is: byte ranges in one buffer (safetensors, read once, nothing copied yet) or tensors
+    (a pickle, already unpickled)."""
+
+    info: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    whole: memoryview | None = None  # the buffer; tensors are made through this one view
+    base: int = 0  # where the data region starts in it
+    ranges: dict[str, tuple[int, int]] | None = None  # byte ranges in the data region
+    tensors: dict[str, torch.Tensor] | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self.tensors is not None:
+            return self.tensors[key]
+        dtype, shape = self.info[key]
+        start, _ = self.ranges[key]
+        numel = math.prod(shape)
+        if not numel:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.whole, dtype=dtype, offset=self.base + start,
+                                count=numel).view(shape)
+
+
+def _parse_safetensors(data: bytearray, size: int) -> _Weights:
+    """The header of a safetensors file read into `data`, every declared offset and size
+    checked against the file. No tensor is made here (safetensors' own loader copies every
+    tensor into a fresh allocation, which cost ~100 ms per 20 MB adapter in a large process)."""
     if size < 8:
         raise ValueError("file shorter than its 8-byte header length")
     n = int.from_bytes(data[:8], "little")
@@ -146,35 +191,35 @@ def _parse_safetensors(data: bytearray, size: int) -> dict[str, torch.Tensor]:
     header = json.loads(bytes(data[8:8 + n]))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    base, end_of_data = 8 + n, size - 8 - n
-    # Every tensor views the buffer through this one memoryview, whose buffer export lives as
-    # long as any tensor does (frombuffer keeps its argument alive): that is what lets the
-    # BufferPool tell, exactly, when a dropped copy's buffer is no longer read by anyone.
-    whole = memoryview(data)
-    out: dict[str, torch.Tensor] = {}
-    for key, info in header.items():
+    end_of_data = size - 8 - n
+    info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for key, t in header.items():
         if key == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info["dtype"])
+        dtype = _ST_DTYPES.get(t["dtype"])
         if dtype is None:
-            raise ValueError(f"tensor {key} has unsupported dtype {info['dtype']}")
-        shape = [int(d) for d in info["shape"]]
-        start, end = (int(o) for o in info["data_offsets"])
-        numel = math.prod(shape)
-        if not 0 <= start <= end <= end_of_data or end - start != numel * dtype.itemsize:
-            raise ValueError(f"tensor {key} declares bytes {start}..{end} for shape {shape} but "
-                             f"the file has {end_of_data} data bytes")
-        out[key] = torch.frombuffer(whole, dtype=dtype, offset=base + start,
-                                    count=numel).view(shape) if numel else torch.empty(shape)
-    return out
+            raise ValueError(f"tensor {key} has unsupported dtype {t['dtype']}")
+        shape = tuple(int(d) for d in t["shape"])
+        start, end = (int(o) for o in t["data_offsets"])
+        if not 0 <= start <= end <= end_of_data or \
+                end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {key} declares bytes {start}..{end} for shape "
+                             f"{list(shape)} but the file has {end_of_data} data bytes")
+        info[key], ranges[key] = (dtype, shape), (start, end)
+    # Every tensor is made through this one memoryview, whose buffer export lives as long as
+    # any tensor does (frombuffer keeps its argument alive): that is what lets the BufferPool
+    # tell, exactly, when a dropped copy's buffer is no longer read by anyone.
+    return _Weights(info, memoryview(data)[:size], 8 + n, ranges)
 
 
 Take = Callable[[int], bytearray]  # a buffer of at least n bytes (see buffers.BufferPool)
 
 
-def _read_tensors(folder: Path, allow_pickle: bool, take: Take
-                  ) -> tuple[dict[str, torch.Tensor], bytes | bytearray, int]:
-    """(tensors, the buffer they view, the file's size: the buffer may be longer)."""
+def _read_weights(folder: Path, allow_pickle: bool, take: Take
+                  ) -> tuple[_Weights, bytes | bytearray, int]:
+    """(the file's tensors, the buffer it was read into, the file's size: the buffer may be
+    longer)."""
     st = folder / "adapter_model.safetensors"
     if st.is_file():
         size = st.stat().st_size
@@ -197,10 +242,14 @@ def _read_tensors(folder: Path, allow_pickle: bool, take: Take
         try:
             import io
 
-            return (torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), data,
-                    len(data))
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or \
+                    not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise TypeError("not a dict of tensors")
         except Exception as e:
             raise LoRAError(f"{pt}: cannot be read with weights_only=True ({e})") from None
+        info = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        return _Weights(info, tensors=tensors), data, len(data)
     raise LoRAError(f"{folder} has no adapter_model.safetensors")
 
 
@@ -226,47 +275,82 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
         raise LoRAError(f"adapter {name!r}: adapter_config.json is not valid JSON ({e})") from None
     where = f"adapter {name!r}"
     _check_config(cfg, where)
-    tensors, raw, size = _read_tensors(folder, allow_pickle, take)
-    content = memoryview(raw)[:size]
+    weights, raw, size = _read_weights(folder, allow_pickle, take)
     try:
         # The version: a content hash of config + weights. xxh3-128 runs at memory speed
         # (~0.5 ms per 20 MB here, sha256 ~12 ms); it tells versions apart, nothing more (an
         # adversary able to load adapters needs no collision to serve what they like).
         digest = xxhash.xxh3_128(cfg_bytes)
-        digest.update(content)
-        modules = _validate(where, cfg, tensors, base, max_lora_rank, dtype)
-        if not _all_finite(content, tensors):
+        digest.update(memoryview(raw)[:size])
+        plan = _validate(where, cfg, weights.info, base, max_lora_rank)
+        table, viewed = _build_table(weights, plan, dtype)
+        # One reduction over every weight: NaN and inf propagate into the sum (a finite
+        # overflow would need values no adapter has), several times cheaper than isfinite().
+        if table.flat.numel() and not bool(torch.isfinite(table.flat.sum(dtype=torch.float32))):
             raise LoRAError(f"{where}: the adapter has NaN or infinite weights")
     except BaseException:
-        del tensors, content
+        weights = table = None  # drops the buffer's export before `give`
         if give is not None and isinstance(raw, bytearray):
             give(raw)
         raise
-    del tensors, content
-    nbytes = sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
-                 for m in modules.values())
-    ad = LoRAAdapter(name, str(folder), digest.hexdigest()[:16], modules,
-                     cfg.get("base_model_name_or_path"), nbytes,
-                     max(m.rank for m in modules.values()))
+    weights = None  # the table's flat tensor, when it views the buffer, keeps it exported
+    ad = LoRAAdapter(name, str(folder), digest.hexdigest()[:16], table,
+                     cfg.get("base_model_name_or_path"), table.nbytes, table.max_rank)
     if isinstance(raw, bytearray):
-        if _views(raw, modules):
+        if viewed:
             ad.raw = raw
         elif give is not None:
             give(raw)
     return ad
 
 
-def _views(raw: bytearray, modules: dict[tuple[int, str], LoRAModule]) -> bool:
-    """Whether any module tensor lies inside `raw` (kept as a view rather than converted)."""
-    lo = torch.frombuffer(raw, dtype=torch.uint8).data_ptr() if len(raw) else 0
-    hi = lo + len(raw)
-    return any(lo <= t.data_ptr() < hi for m in modules.values() for t in (m.a, m.b))
+# One module of the plan: (layer, proj, A's tensor name, B's, scale).
+_Planned = tuple[int, str, str, str, float]
 
 
-def _validate(where: str, cfg: dict, tensors: dict[str, torch.Tensor], base: ModelConfig,
-              max_lora_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRAModule]:
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype
+                 ) -> tuple[ModuleTable, bool]:
+    """The adapter's ModuleTable, and whether its flat tensor views the file buffer. When the
+    file holds nothing but `dtype` tensors (the common case), the flat tensor is the file's
+    data region itself, nothing copied; otherwise the used tensors are converted into one new
+    tensor."""
+    item = dtype.itemsize
+    if w.ranges is not None and all(d == dtype for d, _ in w.info.values()) and \
+            all(start % item == 0 for start, _ in w.ranges.values()):
+        n = (len(w.whole) - w.base) // item
+        flat = torch.frombuffer(w.whole, dtype=dtype, offset=w.base, count=n) if n else \
+            torch.empty(0, dtype=dtype)
+
+        def offset(key: str) -> int:
+            return w.ranges[key][0] // item
+        viewed = n > 0
+    else:
+        offsets, total = {}, 0
+        for _, _, ka, kb, _ in plan:
+            for key in (ka, kb):
+                offsets[key] = total
+                total += math.prod(w.info[key][1])
+        flat = torch.empty(total, dtype=dtype)
+        for key, o in offsets.items():
+            t = w.tensor(key)
+            flat[o:o + t.numel()].copy_(t.reshape(-1))
+
+        def offset(key: str) -> int:
+            return offsets[key]
+        viewed = False
+    where = {}
+    for layer, proj, ka, kb, scale in plan:
+        (r, fin), (fout, _) = w.info[ka][1], w.info[kb][1]
+        where[(layer, proj)] = (offset(ka), r, fin, offset(kb), fout, r, scale)
+    return ModuleTable(flat, where), viewed
+
+
+def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+              base: ModelConfig, max_lora_rank: int) -> list[_Planned]:
+    """Every tensor name and shape checked against the base model and the config; the plan of
+    modules, sorted by (layer, projection)."""
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in info:
         m = _KEY.match(key)
         if m is None:
             hint = ""
@@ -284,34 +368,36 @@ def _validate(where: str, cfg: dict, tensors: dict[str, torch.Tensor], base: Mod
         if layer >= base.num_layers:
             raise LoRAError(f"{where}: {key} targets layer {layer} but the base model has "
                             f"{base.num_layers} layers")
-        pairs.setdefault((layer, proj), {})[ab] = t
+        if not info[key][0].is_floating_point:
+            raise LoRAError(f"{where}: {key} has dtype {info[key][0]}, not a float type")
+        pairs.setdefault((layer, proj), {})[ab] = key
     if not pairs:
         raise LoRAError(f"{where}: the adapter matches no module of the base model "
                         f"(no lora_A/lora_B tensors for its projections)")
 
     r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
-    modules: dict[tuple[int, str], LoRAModule] = {}
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern"), cfg.get("alpha_pattern")
+    shapes = {proj: projection_shape(base, proj) for proj in PROJECTIONS}
+    plan: list[_Planned] = []
     for (layer, proj), ab in sorted(pairs.items()):
         mod_name = f"model.layers.{layer}.{'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{proj}"  # noqa: E501
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"{where}: {mod_name} has lora_{next(iter(ab))} but not its pair")
-        a, b = ab["A"], ab["B"]
-        fin, fout = projection_shape(base, proj)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fin or b.shape[0] != fout \
-                or a.shape[0] != b.shape[1]:
-            raise LoRAError(f"{where}: {mod_name} lora_A {tuple(a.shape)} / lora_B "
-                            f"{tuple(b.shape)} do not fit the base projection ({fin} -> {fout}): "
+        a, b = info[ab["A"]][1], info[ab["B"]][1]
+        fin, fout = shapes[proj]
+        if len(a) != 2 or len(b) != 2 or a[1] != fin or b[0] != fout or a[0] != b[1]:
+            raise LoRAError(f"{where}: {mod_name} lora_A {a} / lora_B "
+                            f"{b} do not fit the base projection ({fin} -> {fout}): "
                             f"expected lora_A [r, {fin}] and lora_B [{fout}, r]")
-        r = a.shape[0]
+        r = a[0]
         if r > max_lora_rank:
             raise LoRAError(f"{where}: {mod_name} has rank {r} > max_lora_rank={max_lora_rank}")
-        r_cfg = int(_pattern_value(cfg.get("rank_pattern"), mod_name, r_default))
+        r_cfg = int(_pattern_value(rank_pattern, mod_name, r_default))
         if r_cfg != r:
             raise LoRAError(f"{where}: {mod_name} has rank {r} in its weights but {r_cfg} in "
                             f"adapter_config.json")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), mod_name, alpha_default))
+        alpha = float(_pattern_value(alpha_pattern, mod_name, alpha_default))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[(layer, proj)] = LoRAModule(layer, proj, a.to(dtype).contiguous(),
-                                            b.to(dtype).contiguous(), scale)
-    return modules
+        plan.append((layer, proj, ab["A"], ab["B"], scale))
+    return plan

@@ -1,12 +1,13 @@
 """Recycled byte buffers for adapter files.
 
-A CPU copy of an adapter is a set of tensor views into the one buffer its safetensors file was
-read into. Fresh anonymous memory is expensive to touch for the first time: every 4 KiB page
-faults, and on a VM the hypervisor backs each never-used guest page on that first fault
-(measured on the 2-core dev VM: 20 MB cost ~54 ms of page faults on never-touched guest memory
-and ~10 ms on recycled guest memory, against ~1 ms to read the same file into a buffer the
-process already holds). A server with a full CPU tier drops one copy for each one it loads, so
-handing the dropped copy's buffer to the next load takes page faults off the cold-load path.
+A CPU copy of an adapter is one flat tensor viewing the buffer its safetensors file was read
+into (adapter.ModuleTable). Fresh anonymous memory is expensive to touch for the first time:
+every 4 KiB page faults, and on a VM the hypervisor backs each never-used guest page on that
+first fault (measured on the 2-core dev VM: 20 MB cost ~54 ms of page faults on never-touched
+guest memory and ~10 ms on recycled guest memory, against ~1 ms to read the same file into a
+buffer the process already holds). A server with a full CPU tier drops one copy for each one it
+loads, so handing the dropped copy's buffer to the next load takes page faults off the
+cold-load path.
 
 Invariant: a buffer goes back to the pool only when nothing views it any more. The adapter
 reader makes every tensor through one `memoryview` of the bytearray; `torch.frombuffer` keeps
