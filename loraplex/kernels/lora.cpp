@@ -8,7 +8,8 @@
 // padded); ranks [S, nsh] (r_j of the adapter in each slot; 0 = shard not adapted). Only the real
 // rank is computed, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
 // (tokens[offsets[g]:offsets[g+1]] use slots[g]); work items are (group, chunk of <= 8 tokens),
-// so each item writes disjoint rows of y and reads its adapter's A and B once from memory.
+// so each item writes disjoint rows of y and reads its adapter's A and B once from memory (with
+// fewer items than threads, items are split by shard, which write disjoint columns).
 //
 // Both halves are register-tiled outer products, with no horizontal sums: shrink keeps a
 // tokens x rank tile of z = x A^T in registers while it streams A^T's rows (one rank vector per
@@ -265,17 +266,29 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
     blk_off[j + 1] = blk_off[j] + (ss[j] + 31) / 32;
   }
   TORCH_CHECK(blk_off[nsh] == NB, "lora_delta_: packed B has the wrong number of blocks");
-  // work items: (group, first token index in `tokens`)
-  std::vector<std::pair<int64_t, int64_t>> items;
+  // Work items: (group, first token index in `tokens`, first shard, end shard). A step with
+  // fewer items than threads (one stream, or a few rows of one adapter) splits its items by
+  // shard: shards read their own A and B and write their own columns of y, so they need no
+  // synchronization, and a row's result is the same either way.
+  struct Item {
+    int64_t g, t0, j0, j1;
+  };
+  std::vector<Item> items;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = of[g]; t < of[g + 1]; t += kChunk) items.emplace_back(g, t);
+    for (int64_t t = of[g]; t < of[g + 1]; t += kChunk) items.push_back({g, t, 0, nsh});
+  if (nsh > 1 && static_cast<int64_t>(items.size()) < at::get_num_threads()) {
+    std::vector<Item> split;
+    for (const Item& item : items)
+      for (int64_t j = 0; j < nsh; ++j) split.push_back({item.g, item.t0, j, j + 1});
+    items.swap(split);
+  }
   const int64_t n_items = static_cast<int64_t>(items.size());
   constexpr bool kWidenX = sizeof(T) == 2;
   const int64_t rows[kChunk] = {0, 1, 2, 3, 4, 5, 6, 7};
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(kChunk * ldz), xf(kWidenX ? kChunk * in : 0);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t g = items[it].first, t0 = items[it].second;
+      const int64_t g = items[it].g, t0 = items[it].t0;
       const int64_t t1 = std::min(t0 + kChunk, of[g + 1]), n = t1 - t0;
       const int64_t s = sl[g];
       // bf16 activations: the item's rows widened to float32 once, for all its shards. The
@@ -290,7 +303,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
           for (; k < in; ++k) dst[k] = to_f(src[k]);
         }
       }
-      for (int64_t j = 0; j < nsh; ++j) {
+      for (int64_t j = items[it].j0; j < items[it].j1; ++j) {
         const int64_t r = rk[s * nsh + j];
         if (r == 0) continue;
         const W* At = app + (s * nsh + j) * RP * in;           // [in, rp]
