@@ -112,10 +112,6 @@ def _build_and_check(isa: str, build: str) -> None:
     print("ok")
 
 
-if __name__ == "__main__":
-    _build_and_check(sys.argv[1], sys.argv[2])
-
-
 def test_kernel_builds_are_kept_per_cpu():
     """torch's extension cache rebuilds on a source or flag change, not on a CPU change: a
     `-march=native` build from an AVX-512 machine, found in a home folder shared with an AVX2
@@ -132,3 +128,8 @@ def test_kernel_builds_are_kept_per_cpu():
         pytest.skip("the C++ kernels are not built here")
     built = cache_root() / "kernels" / cpu_tag()
     assert list(built.glob("loraplex_kernels*.so")), f"no build in {built}"
+
+
+if __name__ == "__main__":
+    _build_and_check(sys.argv[1], sys.argv[2])
+

@@ -71,7 +71,7 @@ def test_bf16_unpacked_weights_as_close_as_transformers_bf16(tiny_model_factory,
     model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, layers.Linear)]
     assert linears and all(m.packed is None and m.weight is not None for m in linears)
-    assert getattr(model, "lm_head_packed", None) is None
+    assert model.lm_head_packed is None
     assert_bf16_as_close_as_hf(llm, fp32, hf16, _prompts(5, seed=3), N_NEW, min_effect=1e-3,
                                label="llama unpacked")
 

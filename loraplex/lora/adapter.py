@@ -320,9 +320,7 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype
         n = (len(w.whole) - w.base) // item
         flat = torch.frombuffer(w.whole, dtype=dtype, offset=w.base, count=n) if n else \
             torch.empty(0, dtype=dtype)
-
-        def offset(key: str) -> int:
-            return w.ranges[key][0] // item
+        offsets = {key: start // item for key, (start, _) in w.ranges.items()}
         viewed = n > 0
     else:
         offsets, total = {}, 0
@@ -334,14 +332,11 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype
         for key, o in offsets.items():
             t = w.tensor(key)
             flat[o:o + t.numel()].copy_(t.reshape(-1))
-
-        def offset(key: str) -> int:
-            return offsets[key]
         viewed = False
     where = {}
     for layer, proj, ka, kb, scale in plan:
         (r, fin), (fout, _) = w.info[ka][1], w.info[kb][1]
-        where[(layer, proj)] = (offset(ka), r, fin, offset(kb), fout, r, scale)
+        where[(layer, proj)] = (offsets[ka], r, fin, offsets[kb], fout, r, scale)
     return ModuleTable(flat, where), viewed
 
 
