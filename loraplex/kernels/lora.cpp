@@ -46,10 +46,16 @@ constexpr int64_t kChunk = 8;  // tokens per work item (and the widest token til
 // by 8 FMAs, faster than the hardware prefetcher ramps up on these short streams, and L1 holds
 // too few outstanding misses to cover DRAM latency. Measured on the 8 adapters x 8 tokens step
 // (benchmarks/bench_lora_kernel.py): 7.6-8.0 ms with one block ahead into L1, 6.1-6.6 ms so.
-// On AVX2 (Zen 2) the B prefetch measured neutral to 5-10% slower (one step's 120 calls, 64
-// tokens over 1-32 adapters, caches flushed between steps), so it is AVX-512 only.
+// On AVX2 (Zen 2) that burst of B prefetches measured neutral to 5-10% slower (one step's 120
+// calls, 64 tokens over 1-32 adapters, caches flushed between steps); there the next block is
+// prefetched row by row from inside the current block's tiles instead (kSpreadB), one line per
+// rank row and tile, which took 8 adapters x 8 tokens from 11.2 to 9.6 ms a step.
 constexpr int64_t kAheadBytes = 4096;
-constexpr int64_t kAheadBlocks = Vec::W == 8 ? 0 : 2;
+constexpr bool kSpreadB = Vec::W == 8;
+constexpr int64_t kAheadBlocks = kSpreadB ? 0 : 2;
+// Rows of A^T per shrink block when an item streams its adapter's A^T from memory and takes
+// more than one token tile (see shrink_pass).
+constexpr int64_t kShrinkBlock = 16;
 
 using V = Vec::R;
 
@@ -62,19 +68,22 @@ constexpr int tile_tokens(int regs_per_token) {
   return nt;
 }
 
-// z[t][c0 + l] = sum_k x_t[k] * at[k * rp + c0 + l] for t < NT and the CG vectors of lanes
-// from c0 (the last one masked to the rank's end; its dead lanes come out 0).
+// z[t][c0 + l] += sum_{k0 <= k < k1} x_t[k] * at[k * rp + c0 + l] for t < NT and the CG
+// vectors of lanes from c0 (the last one masked to the rank's end; its dead lanes come out 0);
+// k0 == 0 starts the sums at 0. Partial sums pass through z exactly (float32 stores), so a
+// token's sum is the same chain of FMAs however the k range is cut.
 template <int NT, int CG, bool PF, typename W, typename T>
-inline void shrink_tile(float* z, int64_t ldz, const W* at, int64_t rp, int64_t c0, int64_t in,
-                        const T* const* xs, Vec::Mask last) {
+inline void shrink_tile(float* z, int64_t ldz, const W* at, int64_t rp, int64_t c0, int64_t k0,
+                        int64_t k1, const T* const* xs, Vec::Mask last) {
   V acc[NT][CG];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 2
-    for (int c = 0; c < CG; ++c) acc[t][c] = Vec::zero();
-  const W* row = at + c0;
+    for (int c = 0; c < CG; ++c)
+      acc[t][c] = k0 == 0 ? Vec::zero() : Vec::load(z + t * ldz + c0 + c * Vec::W);
+  const W* row = at + k0 * rp + c0;
   const int64_t ahead = kAheadBytes / static_cast<int64_t>(sizeof(W));
-  for (int64_t k = 0; k < in; ++k, row += rp) {
+  for (int64_t k = k0; k < k1; ++k, row += rp) {
     if (PF) Vec::prefetch(row + ahead);  // may point past the tensor: prefetches never fault
     V a[CG];
 #pragma GCC unroll 2
@@ -97,50 +106,63 @@ inline void shrink_tile(float* z, int64_t ldz, const W* at, int64_t rp, int64_t 
 
 template <int CG, typename W, typename T>
 inline void shrink_pass(float* z, int64_t ldz, const W* at, int64_t rp, int64_t c0, int64_t in,
-                        const T* x, const int64_t* tok, int64_t n, Vec::Mask last) {
+                        const T* x, const int64_t* tok, int64_t n, Vec::Mask last,
+                        bool stream) {
   constexpr int kNT = tile_tokens(CG);
   const T* xs[kChunk];
   for (int64_t t = 0; t < n; ++t) xs[t] = x + tok[t] * in;
   // The first tile streams A^T from memory (prefetching ahead); later ones find it in cache.
-  int64_t t = 0;
-  if (n >= kNT) {
-    shrink_tile<kNT, CG, true>(z, ldz, at, rp, c0, in, xs, last);
-    t = kNT;
+  // When A^T comes from memory (`stream`) and there is more than one tile (AVX2: 8 tokens are
+  // two tiles of 4), the tiles take A^T in blocks of kShrinkBlock rows, all tiles per block:
+  // run whole, the first tile would wait on memory while the later ones left it idle; so the
+  // stream runs under all of them. Measured: 8 adapters x 8 tokens, 12.1 -> 10.9 ms a step.
+  // With A^T in cache the blocks only cost their partial-sum round trips (3-5%).
+  const int64_t blk = stream && n > kNT ? kShrinkBlock : in;
+  for (int64_t k0 = 0; k0 < in; k0 += blk) {
+    const int64_t k1 = std::min(in, k0 + blk);
+    int64_t t = 0;
+    if (n >= kNT) {
+      shrink_tile<kNT, CG, true>(z, ldz, at, rp, c0, k0, k1, xs, last);
+      t = kNT;
+    }
+    for (; t + kNT <= n; t += kNT)
+      shrink_tile<kNT, CG, false>(z + t * ldz, ldz, at, rp, c0, k0, k1, xs + t, last);
+    if (kNT > 4 && t + 4 <= n) {
+      shrink_tile<(kNT > 4 ? 4 : 1), CG, false>(z + t * ldz, ldz, at, rp, c0, k0, k1, xs + t,
+                                                last);
+      t += 4;
+    }
+    if (kNT > 2 && t + 2 <= n) {
+      shrink_tile<(kNT > 2 ? 2 : 1), CG, false>(z + t * ldz, ldz, at, rp, c0, k0, k1, xs + t,
+                                                last);
+      t += 2;
+    }
+    for (; t < n; ++t)
+      shrink_tile<1, CG, false>(z + t * ldz, ldz, at, rp, c0, k0, k1, xs + t, last);
   }
-  for (; t + kNT <= n; t += kNT)
-    shrink_tile<kNT, CG, false>(z + t * ldz, ldz, at, rp, c0, in, xs + t, last);
-  if (kNT > 4 && t + 4 <= n) {
-    shrink_tile<(kNT > 4 ? 4 : 1), CG, false>(z + t * ldz, ldz, at, rp, c0, in, xs + t, last);
-    t += 4;
-  }
-  if (kNT > 2 && t + 2 <= n) {
-    shrink_tile<(kNT > 2 ? 2 : 1), CG, false>(z + t * ldz, ldz, at, rp, c0, in, xs + t, last);
-    t += 2;
-  }
-  for (; t < n; ++t)
-    shrink_tile<1, CG, false>(z + t * ldz, ldz, at, rp, c0, in, xs + t, last);
 }
 
 // z[t][0:rp] = A x[tok[t]] for t < n; at is A^T, [in, rp].
 template <typename W, typename T>
 inline void shrink(float* z, int64_t ldz, const W* at, int64_t rp, int64_t in, const T* x,
-                   const int64_t* tok, int64_t n) {
+                   const int64_t* tok, int64_t n, bool stream) {
   constexpr int64_t kPass = kShrinkCG * Vec::W;
   for (int64_t c0 = 0; c0 < rp; c0 += kPass) {
     const int64_t width = std::min(kPass, rp - c0);
     const Vec::Mask last = Vec::mask(width - (width > Vec::W ? Vec::W : 0));
     if (width > Vec::W)
-      shrink_pass<kShrinkCG>(z, ldz, at, rp, c0, in, x, tok, n, last);
+      shrink_pass<kShrinkCG>(z, ldz, at, rp, c0, in, x, tok, n, last, stream);
     else
-      shrink_pass<1>(z, ldz, at, rp, c0, in, x, tok, n, last);
+      shrink_pass<1>(z, ldz, at, rp, c0, in, x, tok, n, last, stream);
   }
 }
 
 // ys[t][col : col + NV*W] += sum_i z[t][i] * b[i * 32 + col : ...] for t < NT (b: one packed
-// block of 32 columns, r rows).
-template <int NT, int NV, typename W, typename T>
+// block of 32 columns, r rows). PF: also prefetch the same lines of the block at `next`.
+template <int NT, int NV, bool PF, typename W, typename T>
 inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
-                        int64_t col) {
+                        int64_t col, const W* next) {
+  constexpr int64_t kLine = 64 / sizeof(W);
   V acc[NT][NV];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
@@ -152,6 +174,10 @@ inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int
     for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + i * 32 + col + v * Vec::W);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) Vec::keep(bv[v]);
+    if (PF)
+#pragma GCC unroll 4
+      for (int64_t l = col / kLine * kLine; l < col + NV * Vec::W; l += kLine)
+        Vec::prefetch(next + i * 32 + l);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       const V w = Vec::set1(z[t * ldz + i]);
@@ -165,54 +191,65 @@ inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int
     for (int v = 0; v < NV; ++v) Vec::store(ys[t] + col + v * Vec::W, acc[t][v]);
 }
 
-// All of one 32-column block for NT tokens, NV vectors at a time.
+// All of one 32-column block for NT tokens, NV vectors at a time; prefetches the block at
+// `next` unless it is null. (Two instantiations: a branch or prefetch left in the loop of the
+// tiles that do not prefetch measured 5% slower with B in cache.)
 template <int NT, int NV, typename W, typename T>
-inline void expand_block(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz) {
+inline void expand_block(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
+                         const W* next) {
   for (int64_t col = 0; col < 32; col += NV * Vec::W)
-    expand_tile<NT, NV>(ys, b, r, z, ldz, col);
+    if (next != nullptr)
+      expand_tile<NT, NV, true>(ys, b, r, z, ldz, col, next);
+    else
+      expand_tile<NT, NV, false>(ys, b, r, z, ldz, col, next);
 }
 
-// n <= kChunk tokens of one full block.
+// n <= kChunk tokens of one full block; the first token tile also prefetches the block at
+// `next` (if not null), so the stream runs under the block's arithmetic.
 template <typename W, typename T>
 inline void expand_tokens(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
-                          int64_t n) {
+                          int64_t n, const W* next) {
   constexpr int kFull = static_cast<int>(32 / Vec::W);
+  int64_t t = 0;
+  // One tile of NT tokens at t, NV vectors wide; only the first one prefetches.
+  auto tile = [&](auto nt, auto nv) {
+    expand_block<decltype(nt)::value, decltype(nv)::value>(ys + t, b, r, z + t * ldz, ldz, next);
+    next = nullptr;
+    t += decltype(nt)::value;
+  };
+  using std::integral_constant;
   if constexpr (Vec::W == 8) {
     // AVX2: 16 registers and a 5-cycle FMA latency on 2 pipes want >= 10 independent sums:
     // tiles of 6 tokens x 16 columns (12 sums, 2 weight vectors, 1 broadcast); the 1-2 token
     // rest takes whole 32-column rows (4-8 sums).
-    int64_t t = 0;
-    for (; t + 6 <= n; t += 6) expand_block<6, 2>(ys + t, b, r, z + t * ldz, ldz);
+    while (t + 6 <= n) tile(integral_constant<int, 6>{}, integral_constant<int, 2>{});
     switch (n - t) {
-      case 5: expand_block<5, 2>(ys + t, b, r, z + t * ldz, ldz); break;
-      case 4: expand_block<4, 2>(ys + t, b, r, z + t * ldz, ldz); break;
-      case 3: expand_block<3, 2>(ys + t, b, r, z + t * ldz, ldz); break;
-      case 2: expand_block<2, 4>(ys + t, b, r, z + t * ldz, ldz); break;
-      case 1: expand_block<1, 4>(ys + t, b, r, z + t * ldz, ldz); break;
+      case 5: tile(integral_constant<int, 5>{}, integral_constant<int, 2>{}); break;
+      case 4: tile(integral_constant<int, 4>{}, integral_constant<int, 2>{}); break;
+      case 3: tile(integral_constant<int, 3>{}, integral_constant<int, 2>{}); break;
+      case 2: tile(integral_constant<int, 2>{}, integral_constant<int, 4>{}); break;
+      case 1: tile(integral_constant<int, 1>{}, integral_constant<int, 4>{}); break;
       default: break;
     }
   } else {
     constexpr int kNT = tile_tokens(kFull);
-    int64_t t = 0;
-    for (; t + kNT <= n; t += kNT) expand_block<kNT, kFull>(ys + t, b, r, z + t * ldz, ldz);
-    if (kNT > 4 && t + 4 <= n) {
-      expand_block<(kNT > 4 ? 4 : 1), kFull>(ys + t, b, r, z + t * ldz, ldz);
-      t += 4;
-    }
-    if (kNT > 2 && t + 2 <= n) {
-      expand_block<(kNT > 2 ? 2 : 1), kFull>(ys + t, b, r, z + t * ldz, ldz);
-      t += 2;
-    }
-    for (; t < n; ++t) expand_block<1, kFull>(ys + t, b, r, z + t * ldz, ldz);
+    using Full = integral_constant<int, kFull>;
+    while (t + kNT <= n) tile(integral_constant<int, kNT>{}, Full{});
+    if (kNT > 4 && t + 4 <= n) tile(integral_constant<int, (kNT > 4 ? 4 : 1)>{}, Full{});
+    if (kNT > 2 && t + 2 <= n) tile(integral_constant<int, (kNT > 2 ? 2 : 1)>{}, Full{});
+    while (t < n) tile(integral_constant<int, 1>{}, Full{});
   }
 }
 
 // y[tok[t], o0 + 32c : +32] += sum_i z[t][i] * Bp[c][i][:] over the shard's column blocks c.
 // Bp is the shard's scaled B^T packed as [blocks, R, 32]: each block is one contiguous run, so
 // the loads stream (a [r, out] row-major B^T would stride by `out` floats per rank row).
+// `stream`: this call is the first reader of the shard's B (the first chunk of its group);
+// later chunks find B in cache and do not prefetch.
 template <typename W, typename T>
 inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t R,
-                   int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n) {
+                   int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n,
+                   bool stream) {
   constexpr int64_t kLine = 64 / sizeof(W);
   const int64_t nblk = (on + 31) / 32;
   T* ys[kChunk];
@@ -226,7 +263,9 @@ inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64
           Vec::prefetch(b + kAheadBlocks * R * 32 + i * 32 + l);
     if (w == 32) {
       for (int64_t t = 0; t < n; ++t) ys[t] = y + tok[t] * ldy + o0 + c * 32;
-      expand_tokens(ys, b, r, z, ldz, n);
+      // The block after the shard's last is the next shard's first (or harmlessly
+      // another slot's: prefetches never fault).
+      expand_tokens(ys, b, r, z, ldz, n, kSpreadB && stream ? b + R * 32 : nullptr);
       continue;
     }
     // Partial block: accumulate in float32, round once.
@@ -291,6 +330,9 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
       const int64_t g = items[it].g, t0 = items[it].t0;
       const int64_t t1 = std::min(t0 + kChunk, of[g + 1]), n = t1 - t0;
       const int64_t s = sl[g];
+      // The group's first chunk is the first to read its adapter's weights in this call: it
+      // streams them from memory, later chunks find them in cache (see shrink_pass, expand).
+      const bool stream = t0 == of[g];
       // bf16 activations: the item's rows widened to float32 once, for all its shards. The
       // shrink broadcasts each x value to a vector, and a bf16 one costs three more µops
       // there than a float load (measured: 64 tokens of 1 adapter, 5.95 -> 4.45 ms a step).
@@ -309,10 +351,10 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
         const W* At = app + (s * nsh + j) * RP * in;           // [in, rp]
         const W* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
         if constexpr (kWidenX)
-          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xf.data(), rows, n);
+          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xf.data(), rows, n, stream);
         else
-          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xp, tk + t0, n);
-        expand(yp, out, shard_off[j], ss[j], Bp, R, r, z.data(), ldz, tk + t0, n);
+          shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xp, tk + t0, n, stream);
+        expand(yp, out, shard_off[j], ss[j], Bp, R, r, z.data(), ldz, tk + t0, n, stream);
       }
     }
   });
