@@ -25,6 +25,8 @@ counts the adapters' bytes in that dtype. (b) is always fp32 on both sides.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -54,6 +56,17 @@ def first_touch(nbytes: int) -> bytearray:
     buf = bytearray(nbytes)
     torch.frombuffer(memoryview(buf), dtype=torch.uint8)[::4096] = 1
     return buf
+
+
+def release_freed_heap() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim), so RSS counts what is held.
+    The first-touch buffers below are the benchmark's own, freed before (d) is measured; once
+    glibc has raised its mmap threshold (it does when a large mapped block is freed, as the
+    loader's buffer pool does when adapters are converted to another dtype) they come from the
+    heap, and freed heap pages stay resident: 100 bf16 adapters read +2006 MB of RSS for 977 MB
+    of weights, +442 MB for 391 MB (40 adapters) without the touches."""
+    with contextlib.suppress(AttributeError, OSError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def rss_bytes() -> int:
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         held.append(first_touch(ad.nbytes))
         touch_s.append(time.perf_counter() - t)
     del held
+    release_freed_heap()
     adapter_bytes = ad.nbytes
     # shrink + expand: 2 * r * (in + out) FLOP per token and adapted projection
     lora_flops_per_token = sum(2 * m.rank * (m.a.shape[1] + m.b.shape[0])

@@ -1,0 +1,124 @@
+"""Before/after for the LoRA kernel: the kernel source at a git revision against the working
+tree's (or two revisions), built side by side in one process and timed alternately, step by
+step, so this machine's noise hits both alike. A step is one decode step's 120 calls (30 layers
+x 4 fused projections at SmolLM2's shapes) for T tokens over k adapters, each layer in its own
+slot memory, with the caches flushed between steps (a 64 MB write), as in the engine where a
+step's adapter weights do not stay cached from the step before.
+
+    python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
+        [--tokens 64] [--reps 40] [--lora-dtype float32|bfloat16]
+
+Prints, per k, each side's median step time and the median of the per-step ratios after/before;
+saves them to benchmarks/results/ab_lora_kernel.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KDIR = "loraplex/kernels"
+RESULTS = ROOT / "benchmarks" / "results" / "ab_lora_kernel.json"
+SHAPES = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])]
+LAYERS = 30
+
+
+def source(rev: str, name: str) -> str:
+    """A kernel source file at `rev` ("WORKTREE" = the file on disk)."""
+    if rev == "WORKTREE":
+        return (ROOT / KDIR / name).read_text()
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{KDIR}/{name}"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def build(rev: str, tag: str, workdir: Path):
+    """lora.cpp at `rev`, its op renamed to torch.ops.<tag>.lora_delta_ (one process can register
+    a namespace once), compiled as the engine compiles it; returns the op."""
+    from torch.utils.cpp_extension import load
+
+    d = workdir / tag
+    d.mkdir(parents=True)
+    for name in ("vec.h", "vec_math.h"):
+        (d / name).write_text(source(rev, name))
+    src = source(rev, "lora.cpp")
+    for macro in ("TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
+        if f"{macro}(loraplex," not in src:
+            raise SystemExit(f"{rev}: lora.cpp has no {macro}(loraplex, ...)")
+        src = src.replace(f"{macro}(loraplex,", f"{macro}({tag},")
+    (d / "lora.cpp").write_text(src)
+    load(name=f"ab_{tag}", sources=[str(d / "lora.cpp")],
+         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+         build_directory=str(d), verbose=False, is_python_module=False)
+    return getattr(torch.ops, tag).lora_delta_
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True, help="git revision of the baseline kernel")
+    ap.add_argument("--after", default="WORKTREE", help="git revision, or WORKTREE (default)")
+    ap.add_argument("--ks", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    from loraplex.lora.ops import LoRABatch, LoRASlots
+
+    ks = [int(k) for k in args.ks.split(",")]
+    wdtype = getattr(torch, args.lora_dtype)
+    with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as tmp:
+        ops = {"before": build(args.before, "ab_before", Path(tmp)),
+               "after": build(args.after, "ab_after", Path(tmp))}
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(args.tokens, fin, generator=g) for fin, _ in SHAPES]
+    ys = [torch.zeros(args.tokens, sum(outs)) for _, outs in SHAPES]
+    layers = []
+    for _ in range(LAYERS):
+        row = []
+        for fin, outs in SHAPES:
+            m = LoRASlots(fin, outs, max(ks) + 1, args.rank, torch.device("cpu"), wdtype,
+                          packed=True)
+            m.ap.normal_(generator=g)
+            m.bp.normal_(generator=g)
+            m.ranks.fill_(args.rank)
+            row.append(m)
+        layers.append(row)
+    flush = torch.empty(64 << 20, dtype=torch.uint8)
+    rows = []
+    for k in ks:
+        b = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"), None)
+        times = {side: [] for side in ops}
+        for rep in range(args.reps):
+            for side in (("before", "after") if rep % 2 == 0 else ("after", "before")):
+                op = ops[side]
+                flush.add_(1)
+                t0 = time.perf_counter()
+                for row in layers:
+                    for m, x, y in zip(row, xs, ys):
+                        op(y, x, m.ap, m.bp, m.ranks, m.shard_sizes, b.tokens, b.offsets, b.slots)
+                times[side].append(time.perf_counter() - t0)
+        ratios = sorted(a / b for a, b in zip(times["after"], times["before"]))
+        med = {side: sorted(v)[len(v) // 2] * 1e3 for side, v in times.items()}
+        rows.append({"k": k, "before_ms": med["before"], "after_ms": med["after"],
+                     "ratio": ratios[len(ratios) // 2]})
+        print(f"k={k:3d}: before ({args.before}) {med['before']:6.2f} ms | after ({args.after}) "
+              f"{med['after']:6.2f} ms | after/before, median of paired steps "
+              f"{rows[-1]['ratio']:.3f}", flush=True)
+    res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
+           "lora_dtype": args.lora_dtype, "reps": args.reps, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"saved {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
