@@ -17,17 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora_kernel import SHAPES, build  # the same step: SmolLM2's 30 x 4 calls
+
 ROOT = Path(__file__).resolve().parents[1]
 KDIR = "loraplex/kernels"
 RESULTS = ROOT / "benchmarks" / "results" / "ab_lora_kernel.json"
-SHAPES = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])]
-LAYERS = 30
 
 
 def source(rev: str, name: str) -> str:
@@ -38,7 +40,7 @@ def source(rev: str, name: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def build(rev: str, tag: str, workdir: Path):
+def build_op(rev: str, tag: str, workdir: Path):
     """lora.cpp at `rev`, its op renamed to torch.ops.<tag>.lora_delta_ (one process can register
     a namespace once), compiled as the engine compiles it; returns the op."""
     from torch.utils.cpp_extension import load
@@ -70,27 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    from loraplex.lora.ops import LoRABatch, LoRASlots
+    from loraplex.lora.ops import LoRABatch
 
     ks = [int(k) for k in args.ks.split(",")]
     wdtype = getattr(torch, args.lora_dtype)
     with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as tmp:
-        ops = {"before": build(args.before, "ab_before", Path(tmp)),
-               "after": build(args.after, "ab_after", Path(tmp))}
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(args.tokens, fin, generator=g) for fin, _ in SHAPES]
-    ys = [torch.zeros(args.tokens, sum(outs)) for _, outs in SHAPES]
-    layers = []
-    for _ in range(LAYERS):
-        row = []
-        for fin, outs in SHAPES:
-            m = LoRASlots(fin, outs, max(ks) + 1, args.rank, torch.device("cpu"), wdtype,
-                          packed=True)
-            m.ap.normal_(generator=g)
-            m.bp.normal_(generator=g)
-            m.ranks.fill_(args.rank)
-            row.append(m)
-        layers.append(row)
+        ops = {"before": build_op(args.before, "ab_before", Path(tmp)),
+               "after": build_op(args.after, "ab_after", Path(tmp))}
+    mods = build(max(ks), args.rank, wdtype)  # every layer's own slot memory
+    xs = {fin: torch.randn(args.tokens, fin) for fin, _ in SHAPES}
+    ys = {sum(outs): torch.zeros(args.tokens, sum(outs)) for _, outs in SHAPES}
     flush = torch.empty(64 << 20, dtype=torch.uint8)
     rows = []
     for k in ks:
@@ -101,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
                 op = ops[side]
                 flush.add_(1)
                 t0 = time.perf_counter()
-                for row in layers:
-                    for m, x, y in zip(row, xs, ys):
-                        op(y, x, m.ap, m.bp, m.ranks, m.shard_sizes, b.tokens, b.offsets, b.slots)
+                for m in mods:
+                    op(ys[m.out_features], xs[m.in_features], m.ap, m.bp, m.ranks,
+                       m.shard_sizes, b.tokens, b.offsets, b.slots)
                 times[side].append(time.perf_counter() - t0)
         ratios = sorted(a / b for a, b in zip(times["after"], times["before"]))
         med = {side: sorted(v)[len(v) // 2] * 1e3 for side, v in times.items()}
