@@ -14,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _module = None
+_bound = None  # the extension as a Python module: direct pybind11 bindings (lora.cpp)
 _failed = False
 
 
@@ -41,8 +42,8 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
 
 
 def kernels():
-    """The compiled module, or None when it cannot be built here."""
-    global _module, _failed
+    """The compiled ops (torch.ops.loraplex), or None when they cannot be built here."""
+    global _module, _bound, _failed
     if _module is not None or _failed:
         return _module
     if os.environ.get("LORAPLEX_NO_KERNELS"):
@@ -62,10 +63,10 @@ def kernels():
             srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp")]
             import torch
 
-            load(name="loraplex_kernels", sources=srcs,
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                 extra_ldflags=["-fopenmp"],
-                 build_directory=str(build), verbose=False, is_python_module=False)
+            _bound = load(name="loraplex_kernels", sources=srcs,
+                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                          extra_ldflags=["-fopenmp"],
+                          build_directory=str(build), verbose=False, is_python_module=True)
             _module = torch.ops.loraplex
         except Exception as e:  # no compiler, no ninja, ...: the torch path still works
             _failed = True
@@ -91,5 +92,6 @@ def lora_kernel_for(device, dtype, lora_dtype, enabled: bool = True):
     ok = (torch.float32, torch.bfloat16)
     if not enabled or device.type != "cpu" or dtype not in ok or lora_dtype not in ok:
         return None
-    ops = kernels()
-    return None if ops is None else ops.lora_delta_
+    # The op's direct binding: the same function as torch.ops.loraplex.lora_delta_, called
+    # without the dispatcher (see the end of lora.cpp).
+    return None if kernels() is None else _bound.lora_delta_

@@ -26,6 +26,7 @@
 // must read, which is what bounds this kernel once a step uses many distinct adapters.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -393,3 +394,11 @@ TORCH_LIBRARY_FRAGMENT(loraplex, m) {
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) { m.impl("lora_delta_", &lora_delta_); }
+
+// The same function bound directly, which the engine calls (120 times a SmolLM2 decode step):
+// a torch.ops call spends ~3.5 us in the dispatcher on its 9 tensors, a pybind11 call ~1.2 us
+// (measured on the Zen 2 dev VM). The op above stays for tests and tools that want the schema.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_delta_", &lora_delta_,
+        "y += the LoRA deltas of x's tokens, grouped by adapter slot (see the file header)");
+}
