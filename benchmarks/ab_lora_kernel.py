@@ -5,8 +5,15 @@ x 4 fused projections at SmolLM2's shapes) for T tokens over k adapters, each la
 slot memory, with the caches flushed between steps (a 64 MB write), as in the engine where a
 step's adapter weights do not stay cached from the step before.
 
+With --with-base, each LoRA call follows its projection's base GEMM (random weights at
+SmolLM2's shapes, pre-packed for oneDNN as the engine runs them) and a third side runs the GEMMs
+alone, interleaved with the other two: then a step's time includes what the adapter reads cost
+the base GEMMs that follow them (on the Zen 2 dev VM, streaming 32 adapters' 624 MB between the
+GEMMs made the GEMMs ~5% slower, and so did a plain read of the same bytes), and "extra" is a
+side's step time minus the GEMMs-alone step, the LoRA tax as the engine sees it.
+
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
-        [--tokens 64] [--reps 40] [--lora-dtype float32|bfloat16]
+        [--tokens 64] [--reps 40] [--lora-dtype float32|bfloat16] [--with-base]
 
 Prints, per k, each side's median step time and the median of the per-step ratios after/before;
 saves them to benchmarks/results/ab_lora_kernel.json (or --out).
@@ -40,9 +47,12 @@ def source(rev: str, name: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def build_op(rev: str, tag: str, workdir: Path):
+def build_op(rev: str, tag: str, workdir: Path, direct: bool = False):
     """lora.cpp at `rev`, its op renamed to torch.ops.<tag>.lora_delta_ (one process can register
-    a namespace once), compiled as the engine compiles it; returns the op."""
+    a namespace once), compiled as the engine compiles it; returns the op, or with `direct` its
+    pybind11 binding where that revision has one (the engine's call path, see
+    loraplex/kernels/__init__.py; here both sides go through the dispatcher by default, so only
+    the kernels differ)."""
     from torch.utils.cpp_extension import load
 
     d = workdir / tag
@@ -55,10 +65,27 @@ def build_op(rev: str, tag: str, workdir: Path):
             raise SystemExit(f"{rev}: lora.cpp has no {macro}(loraplex, ...)")
         src = src.replace(f"{macro}(loraplex,", f"{macro}({tag},")
     (d / "lora.cpp").write_text(src)
-    load(name=f"ab_{tag}", sources=[str(d / "lora.cpp")],
-         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-         build_directory=str(d), verbose=False, is_python_module=False)
-    return getattr(torch.ops, tag).lora_delta_
+    bound = direct and "PYBIND11_MODULE(" in src
+    module = load(name=f"ab_{tag}", sources=[str(d / "lora.cpp")],
+                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                  build_directory=str(d), verbose=False, is_python_module=bound)
+    return module.lora_delta_ if bound else getattr(torch.ops, tag).lora_delta_
+
+
+def base_gemms(mods, tokens: int) -> list:
+    """One base projection per LoRA module, [out, in] random weights packed as the engine packs
+    them (oneDNN where it can), each a callable x -> x W^T."""
+    from loraplex.model.layers import can_pack, pack_weight, packed_linear
+
+    fns = []
+    for m in mods:
+        w = torch.randn(m.out_features, m.in_features)
+        if can_pack(w):
+            packed = pack_weight(w, tokens)
+            fns.append(lambda x, p=packed: packed_linear(x, p, None))
+        else:
+            fns.append(lambda x, w=w: torch.nn.functional.linear(x, w))
+    return fns
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--with-base", action="store_true",
+                    help="run each projection's base GEMM before its LoRA call, and the GEMMs "
+                         "alone as a third side")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     from loraplex.lora.ops import LoRABatch
@@ -83,28 +113,42 @@ def main(argv: list[str] | None = None) -> dict:
     xs = {fin: torch.randn(args.tokens, fin) for fin, _ in SHAPES}
     ys = {sum(outs): torch.zeros(args.tokens, sum(outs)) for _, outs in SHAPES}
     flush = torch.empty(64 << 20, dtype=torch.uint8)
+    base = base_gemms(mods, args.tokens) if args.with_base else None
+    sides = ["before", "after"] + (["base"] if base else [])
     rows = []
     for k in ks:
         b = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"), None)
-        times = {side: [] for side in ops}
+        times = {side: [] for side in sides}
         for rep in range(args.reps):
-            for side in (("before", "after") if rep % 2 == 0 else ("after", "before")):
-                op = ops[side]
-                flush.add_(1)
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
+                op = ops.get(side)
+                if base is None:
+                    flush.add_(1)  # with base GEMMs, their weights flush the caches
                 t0 = time.perf_counter()
-                for m in mods:
-                    op(ys[m.out_features], xs[m.in_features], m.ap, m.bp, m.ranks,
-                       m.shard_sizes, b.tokens, b.offsets, b.slots)
+                for i, m in enumerate(mods):
+                    x = xs[m.in_features]
+                    y = base[i](x) if base else ys[m.out_features]
+                    if op is not None:
+                        op(y, x, m.ap, m.bp, m.ranks, m.shard_sizes, b.tokens, b.offsets,
+                           b.slots)
                 times[side].append(time.perf_counter() - t0)
         ratios = sorted(a / b for a, b in zip(times["after"], times["before"]))
         med = {side: sorted(v)[len(v) // 2] * 1e3 for side, v in times.items()}
-        rows.append({"k": k, "before_ms": med["before"], "after_ms": med["after"],
-                     "ratio": ratios[len(ratios) // 2]})
-        print(f"k={k:3d}: before ({args.before}) {med['before']:6.2f} ms | after ({args.after}) "
-              f"{med['after']:6.2f} ms | after/before, median of paired steps "
-              f"{rows[-1]['ratio']:.3f}", flush=True)
+        row = {"k": k, "before_ms": med["before"], "after_ms": med["after"],
+               "ratio": ratios[len(ratios) // 2]}
+        line = (f"k={k:3d}: before ({args.before}) {med['before']:6.2f} ms | after ({args.after}) "
+                f"{med['after']:6.2f} ms | after/before, median of paired steps {row['ratio']:.3f}")
+        if base:
+            row["base_ms"] = med["base"]
+            for side in ("before", "after"):
+                row[f"{side}_extra_ms"] = med[side] - med["base"]
+            line += (f" | GEMMs alone {med['base']:6.2f} ms, extra before "
+                     f"{row['before_extra_ms']:5.2f} after {row['after_extra_ms']:5.2f}")
+        rows.append(row)
+        print(line, flush=True)
     res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
-           "lora_dtype": args.lora_dtype, "reps": args.reps, "rows": rows}
+           "lora_dtype": args.lora_dtype, "reps": args.reps, "with_base": args.with_base,
+           "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"saved {args.out}")

@@ -83,6 +83,17 @@ def run_once(llm, prompts, names, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def start_decoding(eng, prompts, names, sp) -> list:
+    """Add one request per prompt (adapter names[i], or the base when names is None), admit and
+    prefill them all, so every later step decodes one token for each; returns their ids."""
+    rids = [eng.add_request(None, sp, prompt_token_ids=p, lora=names[i] if names else None)
+            for i, p in enumerate(prompts)]
+    for _ in range(3):  # admission + prefill
+        eng.step()
+    assert len(eng.scheduler.running) == len(prompts), "not all requests decode together"
+    return rids
+
+
 def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[float, float]]:
     """Steady-state decode of the same requests on two engines of one configuration, one
     without adapters and one over `names`, their steps interleaved one by one (in alternating
@@ -92,15 +103,8 @@ def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[
     from loraplex import SamplingParams
 
     sp = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    runs = []
-    for llm, nm in ((base_llm, None), (lora_llm, names)):
-        eng = llm.engine
-        rids = [eng.add_request(None, sp, prompt_token_ids=p, lora=nm[i] if nm else None)
-                for i, p in enumerate(prompts)]
-        for _ in range(3):  # admission + prefill
-            eng.step()
-        assert len(eng.scheduler.running) == len(prompts), "not all requests decode together"
-        runs.append((eng, rids))
+    runs = [(llm.engine, start_decoding(llm.engine, prompts, nm, sp))
+            for llm, nm in ((base_llm, None), (lora_llm, names))]
     pairs = []
     for s in range(steps):
         t = [0.0, 0.0]
