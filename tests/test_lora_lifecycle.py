@@ -200,6 +200,32 @@ def test_dropped_copy_held_by_a_caller_is_not_overwritten(setup):
     assert llm.engine.lora.buffers.reused >= 1  # the buffers nobody holds are reused
 
 
+def test_converted_copies_recycle_their_buffers(setup):
+    """Adapters converted on load (fp32 files, bf16 copies) convert into the buffer of a
+    dropped copy, and give the file's buffer back at once: a server at its CPU-tier limit
+    touches no fresh memory per load. The recycled buffer held another adapter's weights:
+    the copy must equal a load into fresh memory, bit for bit."""
+    from loraplex.lora.adapter import load_adapter
+
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=1, max_cpu_loras=1,
+              max_lora_rank=8, lora_dtype="bfloat16")
+    pool = llm.engine.lora.buffers
+    sizes = []
+    for n in ("a0", "a1", "a2", "a3"):  # each load drops the previous copy
+        ad = llm.add_lora(n, str(paths[n]))
+        assert ad.modules.flat.dtype == torch.bfloat16 and ad.raw is not None
+        sizes.append(len(ad.raw))
+    # a1-a3 read their files into the buffer a0's load gave back; a2 and a3 also convert into
+    # the dropped copies' buffers (the fp32 file buffer is twice too large for a bf16 copy)
+    assert pool.allocated == 3 and pool.reused == 5
+    assert sizes[0] == sizes[2] and ad.raw is not None
+    fresh = load_adapter("a3", paths["a3"], llm.engine.model_config, 8, dtype=torch.bfloat16)
+    assert torch.equal(ad.modules.flat, fresh.modules.flat)
+    gen = llm.generate([{"prompt_token_ids": p} for p in _prompts(3, 7)], GREEDY, lora="a3")
+    assert all(len(o.outputs[0].token_ids) > 0 for o in gen)
+
+
 def test_max_cpu_loras_below_max_loras_is_refused(setup):
     from loraplex.config import ConfigError
 

@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
-from lora_helpers import BAD_ADAPTERS, make_peft_adapter
+from lora_helpers import BAD_ADAPTERS, KEY, _edit_tensors, make_peft_adapter
 from safetensors.torch import load_file
 
 from loraplex import LLM, SamplingParams
 from loraplex.config import ConfigError
 from loraplex.engine.engine import RequestError
-from loraplex.lora.adapter import LoRAError
+from loraplex.lora.adapter import LoRAError, load_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -43,6 +43,25 @@ def test_bad_adapter_is_refused_and_engine_keeps_serving(env, case):
     with pytest.raises(RequestError):
         llm.generate("hello", GREEDY, lora=case)
     assert llm.generate("hello", GREEDY, lora="good")[0].outputs[0].token_ids == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_in_every_adapter_dtype(env, dtype, value):
+    """The finiteness check sums the converted weights (in bf16 in its own dtype, which has
+    float32's range): NaN and both infinities must come through it in every dtype."""
+    _, tmp, good, llm, _ = env
+    cfg = llm.engine.model_config
+    assert load_adapter("good", good, cfg, 8, dtype=dtype).nbytes > 0
+    d = tmp / f"nonfinite-{str(dtype)[6:]}-{value}"
+    shutil.copytree(good, d)
+
+    def poison(sd):
+        sd[f"{KEY}.lora_A.weight"][3, 5] = value
+
+    _edit_tensors(d, poison)
+    with pytest.raises(LoRAError, match="NaN or infinite"):
+        load_adapter("bad", d, cfg, 8, dtype=dtype)
 
 
 def test_rank_above_max_is_refused(env):
