@@ -1,7 +1,8 @@
 """Recycled byte buffers for adapter files.
 
-A CPU copy of an adapter is one flat tensor viewing the buffer its safetensors file was read
-into (adapter.ModuleTable). Fresh anonymous memory is expensive to touch for the first time:
+A CPU copy of an adapter is one flat tensor viewing a buffer (adapter.ModuleTable): the one its
+safetensors file was read into, or, when its weights were converted to another dtype, the one
+they were converted into. Fresh anonymous memory is expensive to touch for the first time:
 every 4 KiB page faults, and on a VM the hypervisor backs each never-used guest page on that
 first fault (measured on the 2-core dev VM: 20 MB cost ~54 ms of page faults on never-touched
 guest memory and ~10 ms on recycled guest memory, against ~1 ms to read the same file into a
