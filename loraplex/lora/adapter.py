@@ -320,7 +320,7 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype, take: Ta
     file's data region itself, nothing copied; otherwise the used tensors are converted into a
     buffer from `take`, so that a server at its CPU-tier limit converts into the buffer of a
     dropped copy (fresh memory costs a page fault per 4 KiB on first touch: ~25 ms for a 9.8 MB
-    bf16 SmolLM2 adapter on the dev VM, against ~10 ms for the whole load).
+    bf16 SmolLM2 adapter on the dev VM, against ~15 ms for the whole load).
     """
     item = dtype.itemsize
     if w.ranges is not None and all(d == dtype for d, _ in w.info.values()) and \
