@@ -13,7 +13,13 @@ GEMMs made the GEMMs ~5% slower, and so did a plain read of the same bytes), and
 side's step time minus the GEMMs-alone step, the LoRA tax as the engine sees it.
 
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
-        [--tokens 64] [--reps 40] [--lora-dtype float32|bfloat16] [--with-base]
+        [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16]
+        [--with-base] [--pairs]
+
+--dtype is the activations' (the model's) dtype. --pairs gives the after side the kernel's pair
+layout (bf16 activations and adapters on AVX512-BF16 CPUs, as the engine runs them there; the
+before side keeps the plain layout), so `--before WORKTREE --dtype bfloat16 --lora-dtype
+bfloat16 --pairs` compares the two layouts of one kernel.
 
 Prints, per k, each side's median step time and the median of the per-step ratios after/before;
 saves them to benchmarks/results/ab_lora_kernel.json (or --out).
@@ -72,14 +78,14 @@ def build_op(rev: str, tag: str, workdir: Path, direct: bool = False):
     return module.lora_delta_ if bound else getattr(torch.ops, tag).lora_delta_
 
 
-def base_gemms(mods, tokens: int) -> list:
+def base_gemms(mods, tokens: int, dtype: torch.dtype = torch.float32) -> list:
     """One base projection per LoRA module, [out, in] random weights packed as the engine packs
     them (oneDNN where it can), each a callable x -> x W^T."""
     from loraplex.model.layers import can_pack, pack_weight, packed_linear
 
     fns = []
     for m in mods:
-        w = torch.randn(m.out_features, m.in_features)
+        w = torch.randn(m.out_features, m.in_features).to(dtype)
         if can_pack(w):
             packed = pack_weight(w, tokens)
             fns.append(lambda x, p=packed: packed_linear(x, p, None))
@@ -96,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--pairs", action="store_true",
+                    help="the after side takes the pair layout (bf16 x and adapters)")
     ap.add_argument("--with-base", action="store_true",
                     help="run each projection's base GEMM before its LoRA call, and the GEMMs "
                          "alone as a third side")
@@ -105,15 +114,27 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.lora.ops import LoRABatch
 
     ks = [int(k) for k in args.ks.split(",")]
-    wdtype = getattr(torch, args.lora_dtype)
+    wdtype, act = getattr(torch, args.lora_dtype), getattr(torch, args.dtype)
+    if args.pairs and not (act == wdtype == torch.bfloat16):
+        raise SystemExit("--pairs takes --dtype bfloat16 --lora-dtype bfloat16")
     with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as tmp:
         ops = {"before": build_op(args.before, "ab_before", Path(tmp)),
                "after": build_op(args.after, "ab_after", Path(tmp))}
+    if args.pairs:
+        from loraplex.kernels import lora_pairs_supported
+
+        if not lora_pairs_supported():
+            raise SystemExit("--pairs: this CPU's kernel build has no pair layout")
+        after_op = ops["after"]
+        ops["after"] = lambda *a: after_op(*a, True)
     mods = build(max(ks), args.rank, wdtype)  # every layer's own slot memory
-    xs = {fin: torch.randn(args.tokens, fin) for fin, _ in SHAPES}
-    ys = {sum(outs): torch.zeros(args.tokens, sum(outs)) for _, outs in SHAPES}
+    # the after side's own copy of the same weights in the pair layout
+    mods_of = {"before": mods, "after": build(max(ks), args.rank, wdtype, True)
+               if args.pairs else mods}
+    xs = {fin: torch.randn(args.tokens, fin).to(act) for fin, _ in SHAPES}
+    ys = {sum(outs): torch.zeros(args.tokens, sum(outs), dtype=act) for _, outs in SHAPES}
     flush = torch.empty(64 << 20, dtype=torch.uint8)
-    base = base_gemms(mods, args.tokens) if args.with_base else None
+    base = base_gemms(mods, args.tokens, act) if args.with_base else None
     sides = ["before", "after"] + (["base"] if base else [])
     rows = []
     for k in ks:
@@ -125,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if base is None:
                     flush.add_(1)  # with base GEMMs, their weights flush the caches
                 t0 = time.perf_counter()
-                for i, m in enumerate(mods):
+                for i, m in enumerate(mods_of.get(side, mods)):
                     x = xs[m.in_features]
                     y = base[i](x) if base else ys[m.out_features]
                     if op is not None:
@@ -147,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(line, flush=True)
     res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
-           "lora_dtype": args.lora_dtype, "reps": args.reps, "with_base": args.with_base,
+           "dtype": args.dtype, "lora_dtype": args.lora_dtype, "pairs": args.pairs,
+           "reps": args.reps, "with_base": args.with_base,
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

@@ -29,10 +29,13 @@ LAYERS = 30
 
 
 DTYPES = {"x32w32": (torch.float32, torch.float32), "x32w16": (torch.float32, torch.bfloat16),
-          "x16w16": (torch.bfloat16, torch.bfloat16), "x16w32": (torch.bfloat16, torch.float32)}
+          "x16w16": (torch.bfloat16, torch.bfloat16), "x16w32": (torch.bfloat16, torch.float32),
+          "x16w16plain": (torch.bfloat16, torch.bfloat16)}
+# x16w16 takes the kernel's pair layout where the CPU has AVX512-BF16 (as the engine does);
+# x16w16plain keeps the plain layout, widening bf16 to float32 FMAs, for comparison.
 
 
-def build(slots: int, rank: int, wdtype: torch.dtype):
+def build(slots: int, rank: int, wdtype: torch.dtype, pairs: bool = False):
     from loraplex.lora.ops import LoRASlots
 
     g = torch.Generator().manual_seed(0)
@@ -40,7 +43,7 @@ def build(slots: int, rank: int, wdtype: torch.dtype):
     for _ in range(LAYERS):
         for fin, outs in SHAPES:
             m = LoRASlots(fin, outs, slots + 1, rank, torch.device("cpu"), wdtype,
-                          packed=True)
+                          packed=True, pairs=pairs)
             for s in range(slots):
                 for j, o in enumerate(outs):
                     m.write(s, j, torch.randn(rank, fin, generator=g),
@@ -67,11 +70,11 @@ def main() -> None:
     ap.add_argument("--ks", default="1,8,32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--dtypes", default="x32w32,x32w16,x16w16",
+    ap.add_argument("--dtypes", default="x32w32,x32w16,x16w16,x16w16plain",
                     help=f"activation x adapter dtype mixes, of {','.join(DTYPES)}")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    from loraplex.kernels import kernels
+    from loraplex.kernels import kernels, lora_pairs_supported
     from loraplex.lora.ops import LoRABatch
 
     ks = [int(k) for k in args.ks.split(",")]
@@ -82,7 +85,7 @@ def main() -> None:
     one = LoRABatch.build([0], torch.device("cpu"), kern)
     for mix in args.dtypes.split(","):
         act, wt = DTYPES[mix]
-        mods = build(max(ks), args.rank, wt)
+        mods = build(max(ks), args.rank, wt, mix == "x16w16" and lora_pairs_supported())
         adapter_bytes = sum(m.slot_nbytes() for m in mods)
         fixed = step_time(mods, one, 1, args.repeats, act) / len(mods)
         print(f"[{mix}] adapter {adapter_bytes / 1e6:.1f} MB; fixed cost {1e6 * fixed:.1f} us "

@@ -17,11 +17,16 @@ median step times, each LoRA side's extra over the base, that extra over the ban
 and kernel extra / read-only extra.
 
     python benchmarks/bench_lora_read_floor.py [--ks 1,8,32] [--requests 64] [--steps 30]
-        [--passes 4] [--before REV]
+        [--passes 4] [--dtype bfloat16 --lora-dtype auto] [--before REV | --plain]
 
 --before REV adds a fifth side: the LoRA kernel as it was at git revision REV (built beside
 the working tree's as benchmarks/ab_lora_kernel.py builds it), so a kernel change is measured
 in the engine, paired step by step with the current kernel.
+
+--plain (bf16 model and adapters on a CPU with AVX512-BF16, where the engine uses the kernel's
+pair layout) adds a third engine built with the plain layout (LORAPLEX_NO_LORA_PAIRS) as a
+fifth side, so the two layouts are measured in the engine, step by step. Its engine decodes its
+own copy of the requests, taking as many steps a round as the others.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ static uint64_t sum_words(const char* p, int64_t nbytes) {
 
 void lora_read_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::Tensor ranks,
                 at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets,
-                at::Tensor slots) {
+                at::Tensor slots, bool pairs) {
+  // the pair layout (bool pairs) holds the same bytes at the same places
   const int64_t nsh = shard_sizes.size(0), in = x.size(1), es = ap.element_size();
   const int64_t ng = slots.size(0), R = bp.size(2);
   const int64_t* sz = shard_sizes.data_ptr<int64_t>();
@@ -105,7 +111,7 @@ int64_t take_bytes_read() { return bytes_read.exchange(0); }
 
 // The same call with no work: what the LoRA path costs per call before any byte is read.
 void lora_noop_(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                at::Tensor, at::Tensor, at::Tensor) {}
+                at::Tensor, at::Tensor, at::Tensor, bool) {}
 """
 
 
@@ -126,16 +132,20 @@ def floor_ops():
 
 
 def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
-                 take_bytes_read, expect_bytes: int) -> dict:
+                 take_bytes_read, expect_bytes: int, plain_llm=None) -> dict:
     """Steady decode: the base engine on the requests, the LoRA engine on them over `names`
-    with each of `ops` (side name -> LoRA op) in turn: `steps` rounds of one step per side, in
+    with each of `ops` (side name -> LoRA op) in turn, and `plain_llm` (if given: the "plain"
+    side) on its own copy of them over `names`: `steps` rounds of one step per side, in
     rotating order. Returns side -> step times (s), round by round."""
     from loraplex import SamplingParams
 
     n_lora = len(ops)
     sp = SamplingParams(temperature=0, max_tokens=n_lora * steps + 8, ignore_eos=True)
+    own = [("base", base_llm, None), ("lora", lora_llm, names)]
+    if plain_llm is not None:
+        own.append(("plain", plain_llm, names))
     runs = {side: (llm.engine, start_decoding(llm.engine, prompts, nm, sp))
-            for side, llm, nm in (("base", base_llm, None), ("lora", lora_llm, names))}
+            for side, llm, nm in own}
     runner = runs["lora"][0].runner
     kernel = runner.lora_kernel
     # The read side reads what the kernel reads: each distinct adapter's A and B once a step
@@ -147,21 +157,22 @@ def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
     got = take_bytes_read()
     if got != expect_bytes:
         raise SystemExit(f"the read-only op read {got} bytes in a step, expected {expect_bytes}")
-    sides = ["base", *ops]
+    sides = ["base", *ops, *(["plain"] if plain_llm is not None else [])]
     times = {side: [] for side in sides}
     # Every LoRA side decodes one token per request a step (the read and no-op sides' tokens
     # differ: no deltas), so they share the LoRA engine's requests, and it takes n_lora steps a
-    # round. The base engine takes n_lora - 1 untimed steps after its timed one, so both
-    # engines' sequences (and their attention cost) grow alike.
+    # round. The base (and plain) engines take n_lora - 1 untimed steps after their timed one,
+    # so every engine's sequences (and their attention cost) grow alike.
     for s in range(steps):
         for side in sides[s % len(sides):] + sides[:s % len(sides)]:
-            eng = runs["base" if side == "base" else "lora"][0]
-            if side != "base":
+            alone = side in ("base", "plain")  # an engine of its own
+            eng = runs[side if alone else "lora"][0]
+            if not alone:
                 runner.lora_kernel = ops[side]
             t0 = time.perf_counter()
             eng.step()
             times[side].append(time.perf_counter() - t0)
-            for _ in range(n_lora - 1 if side == "base" else 0):
+            for _ in range(n_lora - 1 if alone else 0):
                 eng.step()
     runner.lora_kernel = kernel
     for eng, rids in runs.values():
@@ -183,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--lora-dtype", default="auto")
     ap.add_argument("--before", help="also time the LoRA kernel of this git revision")
+    ap.add_argument("--plain", action="store_true",
+                    help="also time an engine on the kernel's plain layout (bf16, see above)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.passes < 2 or args.passes % 2:
@@ -200,7 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         from ab_lora_kernel import build_op
 
         with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as d:
-            floor_lora_ops["before"] = build_op(args.before, "ab_before", Path(d), direct=True)
+            old = build_op(args.before, "ab_before", Path(d), direct=True)
+        # the engine passes a tenth argument (pairs, False in a plain-layout engine), which
+        # revisions before the pair layout do not take
+        floor_lora_ops["before"] = lambda *a: old(*a[:9])
 
     def make_llm():
         return LLM(str(folder), dtype=args.dtype, lora_dtype=args.lora_dtype, enable_lora=True,
@@ -210,10 +226,23 @@ def main(argv: list[str] | None = None) -> dict:
     llms = [make_llm(), make_llm()]
     if llms[0].engine.runner.lora_kernel is None:
         raise SystemExit("the C++ LoRA kernel is not in use here: nothing to compare")
+    pairs = any(m.pairs for m in llms[0].engine.lora.slots.values())
+    if args.before and pairs:
+        raise SystemExit("--before: the engine holds adapters in the pair layout, which older "
+                         "kernels cannot read; --plain compares the layouts")
+    if args.plain and not pairs:
+        raise SystemExit("--plain: this engine does not use the pair layout (it takes a bf16 "
+                         "model and adapters on a CPU with AVX512-BF16)")
+    plain = None
+    if args.plain:
+        os.environ["LORAPLEX_NO_LORA_PAIRS"] = "1"
+        plain = make_llm()
+        del os.environ["LORAPLEX_NO_LORA_PAIRS"]
+        assert not any(m.pairs for m in plain.engine.lora.slots.values())
     cfg = llms[0].engine.model_config
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-readfloor-"))
     paths = [write_adapter(tmp / f"a{i}", cfg, args.rank, i) for i in range(max(ks))]
-    for llm in llms:
+    for llm in llms + ([plain] if plain else []):
         for i, p in enumerate(paths):
             ad = llm.add_lora(f"a{i}", str(p))
     adapter_bytes = ad.nbytes
@@ -233,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rnd in range(args.passes):  # the engines swap roles: neither's placement favours
             a, b = (llms[0], llms[1]) if rnd % 2 == 0 else (llms[1], llms[0])
             passes.append(decode_sides(a, b, ops, prompts, names, args.steps,
-                                       take_bytes_read, distinct * adapter_bytes))
+                                       take_bytes_read, distinct * adapter_bytes, plain))
         times = {side: [t for p in passes for t in p[side]] for side in passes[0]}
         floor = distinct * adapter_bytes / (bw * 1e9)
         # Each side's extra over the base: per pass, the median of its per-round differences
@@ -241,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the mean over passes, in which each engine is the base engine as often as the LoRA
         # one (a pass's difference carries the two engines' placement).
         extra = {side: sum(median([t - b for t, b in zip(p[side], p["base"])]) for p in passes)
-                 / len(passes) for side in ops}
+                 / len(passes) for side in passes[0] if side != "base"}
         base = median(times["base"])
         row = {"k": k, "distinct_adapters_per_step": distinct, "base_step_ms": 1e3 * base,
                "bandwidth_floor_ms": 1e3 * floor,
@@ -261,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['read_extra_over_floor']:.2f}x, the read beyond the no-op "
               f"{row['read_cost_over_floor']:.2f}x | kernel / read only "
               f"{row['kernel_over_read']:.2f}", flush=True)
+        if "plain" in extra:
+            row["kernel_over_plain"] = median([t / b for p in passes
+                                               for t, b in zip(p["kernel"], p["plain"])])
+            print(f"       plain layout (a third engine): extra {1e3 * extra['plain']:5.1f} ms "
+                  f"({row['plain_ratio']:.3f}x base); steps pairs / plain, median of rounds "
+                  f"{row['kernel_over_plain']:.3f}", flush=True)
         if "before" in extra:
             row["kernel_over_before"] = median([t / b for p in passes
                                                 for t, b in zip(p["kernel"], p["before"])])

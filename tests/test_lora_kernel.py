@@ -2,7 +2,9 @@
 every tile and pass: groups of 1..21 tokens (every token tile: 8, 4, 2 and 1 tokens with
 AVX-512, 6 down to 1 with AVX2; several work items per
 group), ranks whose padded width needs one, two or three vectors (masked tails), a 40-column
-shard (a partial 32-column block), unadapted shards, and every dtype mix.
+shard (a partial 32-column block), unadapted shards, and every dtype mix; and, where the CPU
+has AVX512-BF16, the pair layout of bf16 activations and adapters (odd ranks, whose last pair
+is half zero; an odd max rank, rounded up to an even row count).
 
 The same check runs on the kernel compiled for each instruction set it has a body for: the
 native build (AVX-512 or AVX2, as the CPU has), AVX2 + FMA and portable scalar code, each built
@@ -28,16 +30,22 @@ MIXES = [(FP32, FP32), (FP32, BF16), (BF16, BF16), (BF16, FP32)]
 KERNEL_SRC = Path(__file__).resolve().parents[1] / "loraplex" / "kernels" / "lora.cpp"
 
 
-def check_kernel(kern) -> None:
+def check_kernel(kern, pairs: bool = False) -> None:
     """Every dtype mix: y + delta within fp32 rounding of the reference, base rows untouched,
-    and each row's result independent of the batch around it (bit for bit)."""
-    for act, wt in MIXES:
+    and each row's result independent of the batch around it (bit for bit). With `pairs`, also
+    bf16 x and adapters in the pair layout, against its reference (z rounded to bf16)."""
+    cases = [(act, wt, False, 40) for act, wt in MIXES]
+    if pairs:
+        cases += [(BF16, BF16, True, 40), (BF16, BF16, True, 39)]
+    for act, wt, pair_layout, max_rank in cases:
         gen = torch.Generator().manual_seed(0)
-        fin, sizes, max_rank = 100, [64, 40, 96], 40  # 100: a partial shrink block
+        fin, sizes = 100, [64, 40, 96]  # 100: a partial shrink block
         m = LoRASlots(fin, sizes, num_slots=6, max_rank=max_rank, device=torch.device("cpu"),
-                      dtype=wt, packed=True)
+                      dtype=wt, packed=True, pairs=pair_layout)
+        assert m.pairs == pair_layout
         # slot -> rank per shard (0 = shard not adapted); 33 pads to 40 = 16 + 16 + 8 lanes
-        ranks = {0: [33, 33, 33], 1: [16, 8, 0], 2: [40, 1, 24], 3: [7, 0, 17], 4: [4, 4, 4]}
+        ranks = {0: [33, 33, 33], 1: [16, 8, 0], 2: [max_rank, 1, 24], 3: [7, 0, 17],
+                 4: [4, 4, 4]}
         for slot, rs in ranks.items():
             for shard, (out, r) in enumerate(zip(sizes, rs)):
                 if r:
@@ -64,16 +72,36 @@ def check_kernel(kern) -> None:
             row = y0[t:t + 1].clone()
             if alone is not None:
                 row = alone.apply(m, x[t:t + 1].contiguous(), row)
-            assert torch.equal(row[0], got[t]), (act, wt, t)
+            assert torch.equal(row[0], got[t]), (act, wt, pair_layout, t)
 
 
 def test_native_kernel_tiles():
-    from loraplex.kernels import kernels
+    from loraplex.kernels import kernels, lora_pairs_supported
 
     ops = kernels()
     if ops is None:
         pytest.skip("the C++ kernels cannot be built here")
-    check_kernel(ops.lora_delta_)
+    check_kernel(ops.lora_delta_, pairs=lora_pairs_supported())
+
+
+def test_pair_layout_is_used_where_it_is_built_and_refused_elsewhere():
+    """The engine's bf16 slots take the pair layout exactly when the kernel has it; an odd input
+    width keeps the plain layout; the kernel refuses pairs it cannot run, by name."""
+    from loraplex.kernels import kernels, lora_pairs_supported
+
+    ops = kernels()
+    if ops is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    cpu = torch.device("cpu")
+    m = LoRASlots(64, [32], 2, 8, cpu, BF16, packed=True, pairs=lora_pairs_supported())
+    assert m.pairs == lora_pairs_supported()
+    assert not LoRASlots(63, [32], 2, 8, cpu, BF16, packed=True, pairs=True).pairs
+    assert not LoRASlots(64, [32], 2, 8, cpu, FP32, packed=True, pairs=True).pairs
+    b = LoRABatch.build([0], cpu, None)
+    x32 = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="pair"):  # fp32 activations, or no pairs here
+        ops.lora_delta_(torch.zeros(1, 32), x32, m.ap, m.bp, m.ranks, m.shard_sizes, b.tokens,
+                        b.offsets, b.slots, True)
 
 
 ISA_FLAGS = {
@@ -107,7 +135,16 @@ def _build_and_check(isa: str, build: str) -> None:
     load(name=f"loraplex_kernels_{isa}", sources=[str(p) for p in srcs],
          extra_cflags=["-O2", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
          build_directory=build, verbose=False, is_python_module=False)
-    check_kernel(torch.ops.loraplex.lora_delta_)
+    check_kernel(torch.ops.loraplex.lora_delta_)  # these flags have no AVX512-BF16: no pairs
+    m = LoRASlots(64, [32], 2, 8, torch.device("cpu"), BF16, packed=True)
+    b = LoRABatch.build([0], torch.device("cpu"), None)
+    try:
+        torch.ops.loraplex.lora_delta_(torch.zeros(1, 32, dtype=BF16),
+                                       torch.randn(1, 64).to(BF16), m.ap, m.bp, m.ranks,
+                                       m.shard_sizes, b.tokens, b.offsets, b.slots, True)
+        raise AssertionError("a build without AVX512-BF16 ran the pair layout")
+    except RuntimeError as e:
+        assert "no pair layout" in str(e), e
     test_cpu_kernels.run_all(torch.ops.loraplex)
     print("ok")
 

@@ -9,6 +9,7 @@ import torch
 from lora_helpers import PeftOracle, make_peft_adapter
 
 from loraplex import LLM, SamplingParams
+from loraplex.kernels import lora_pairs_supported
 from loraplex.lora.ops import LoRABatch, LoRASlots, reference_delta
 
 N_NEW = 16
@@ -121,6 +122,10 @@ def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_
               max_lora_rank=16, use_kernels=use_kernels)
     assert llm.engine.lora_dtype == torch.bfloat16
     assert (llm.engine.runner.lora_kernel is not None) == use_kernels
+    # with the kernel on an AVX512-BF16 CPU: the pair layout (bf16 dot products, z rounded to
+    # bf16 as PEFT's bf16 lora_A output is)
+    assert {s.pairs for s in llm.engine.lora.slots.values()} == {
+        use_kernels and lora_pairs_supported()}
     for n, p in paths.items():
         llm.add_lora(n, str(p))
     rng = random.Random(8)

@@ -114,16 +114,19 @@ class Engine:
         self.lora: LoRAManager | None = None
         self.lora_dtype: torch.dtype | None = None  # adapters' dtype when LoRA is enabled
         if cfg.enable_lora:
-            from loraplex.kernels import lora_kernel_for
+            from loraplex.kernels import lora_kernel_for, lora_pairs_supported
 
             self.lora_dtype = (self.dtype if cfg.lora_dtype == "auto"
                                else resolve_dtype(cfg.lora_dtype, self.device))
             packed = lora_kernel_for(self.device, self.dtype, self.lora_dtype,
                                      cfg.use_kernels) is not None
+            # bf16 model and adapters on an AVX512-BF16 CPU: the kernel's pair layout
+            pairs = (packed and self.dtype == self.lora_dtype == torch.bfloat16
+                     and lora_pairs_supported())
             lora_cfg = LoRAConfig(cfg.max_loras, cfg.max_lora_rank, cfg.allow_pickle_adapters,
                                   cfg.max_cpu_loras)
             self.lora = LoRAManager(self.model, m, lora_cfg, self.device, self.lora_dtype,
-                                    packed=packed)
+                                    packed=packed, pairs=pairs)
         self.block_manager = BlockManager(self.num_blocks, c.block_size)
         self.scheduler = Scheduler(self.sched_config, self.block_manager, self.eos_token_ids,
                                    self.lora)

@@ -95,3 +95,13 @@ def lora_kernel_for(device, dtype, lora_dtype, enabled: bool = True):
     # The op's direct binding: the same function as torch.ops.loraplex.lora_delta_, called
     # without the dispatcher (see the end of lora.cpp).
     return None if kernels() is None else _bound.lora_delta_
+
+
+def lora_pairs_supported() -> bool:
+    """Whether the built LoRA kernel has the pair layout (bf16 activations and bf16 adapters on
+    CPUs with AVX512-BF16: two multiply-adds per lane and instruction; see lora.cpp).
+    LORAPLEX_NO_LORA_PAIRS=1 keeps engines built while it is set on the plain layout (for
+    side-by-side benchmarks)."""
+    if os.environ.get("LORAPLEX_NO_LORA_PAIRS"):
+        return False
+    return kernels() is not None and bool(_bound.lora_pairs_supported())

@@ -55,7 +55,8 @@ class LoRAConfig:
 
 class LoRAManager:
     def __init__(self, model: torch.nn.Module, base: ModelConfig, cfg: LoRAConfig,
-                 device: torch.device, dtype: torch.dtype, packed: bool = False) -> None:
+                 device: torch.device, dtype: torch.dtype, packed: bool = False,
+                 pairs: bool = False) -> None:
         self.base, self.cfg, self.device, self.dtype = base, cfg, device, dtype
         num_slots = cfg.max_loras + 1  # the last slot stays zero
         # (layer, fused module name) -> LoRASlots attached to that Linear
@@ -65,7 +66,7 @@ class LoRAManager:
                 lin = layer.get_submodule(fused)
                 assert isinstance(lin, Linear)
                 s = LoRASlots(lin.in_features, lin.output_sizes, num_slots, cfg.max_lora_rank,
-                              device, dtype, packed)
+                              device, dtype, packed, pairs)
                 lin.lora = s
                 self.slots[(i, fused)] = s
         self._current: dict[str, LoRAAdapter] = {}  # registry: name -> current version

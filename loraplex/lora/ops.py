@@ -11,6 +11,9 @@ Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) own
                                          input feature;
   bp:    [num_slots, NB, R, 32]          (C++ path) B^T packed in blocks of 32 output columns,
                                          so the kernel streams it contiguously;
+  With `pairs` (bf16 activations and adapters on CPUs with AVX512-BF16, see lora.cpp) the same
+  tensors hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as
+  [R/2, 32, 2], pairs along the summed axis, R rounded up to even with zero rows.
   ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
@@ -39,8 +42,12 @@ def _round8(r: int) -> int:
 
 class LoRASlots(nn.Module):
     def __init__(self, in_features: int, output_sizes: list[int], num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, packed: bool = False) -> None:
+                 device: torch.device, dtype: torch.dtype, packed: bool = False,
+                 pairs: bool = False) -> None:
         super().__init__()
+        # the pair layout needs whole pairs along the input axis; else the plain packed one
+        self.pairs = pairs and packed and dtype == torch.bfloat16 and in_features % 2 == 0
+        r_rows = max_rank + max_rank % 2 if self.pairs else max_rank
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
@@ -54,7 +61,7 @@ class LoRASlots(nn.Module):
         if packed:
             self.ap = torch.zeros(num_slots, n, _round8(max_rank) * in_features, device=device,
                                   dtype=dtype)
-            self.bp = torch.zeros(num_slots, sum(self.blocks), max_rank, 32, device=device,
+            self.bp = torch.zeros(num_slots, sum(self.blocks), r_rows, 32, device=device,
                                   dtype=dtype)
         else:
             self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device,
@@ -80,18 +87,28 @@ class LoRASlots(nn.Module):
         r, big_r = a.shape[0], self.rank
         rows = slice(shard * big_r, shard * big_r + r)
         if self.ap is not None:
-            rp = _round8(r)
-            at = self.ap[slot, shard, :rp * self.in_features].view(self.in_features, rp)
-            at.zero_()
-            at[:, :r].copy_(a.t())
+            rp, fin = _round8(r), self.in_features
+            flat = self.ap[slot, shard, :rp * fin]
+            flat.zero_()
+            if self.pairs:  # [in/2, rp, 2]: (A[c][2p], A[c][2p+1]) in lane c of pair row p
+                flat.view(fin // 2, rp, 2)[:, :r].copy_(a.t().reshape(fin // 2, 2, r)
+                                                        .transpose(1, 2))
+            else:
+                flat.view(fin, rp)[:, :r].copy_(a.t())
         else:
             self.a[slot, rows].copy_(a)
         bt = b.t() * scale  # [r, out_j]
         if self.bp is not None:
             nb, b0 = self.blocks[shard], sum(self.blocks[:shard])
-            padded = bt.new_zeros(r, nb * 32)
-            padded[:, :bt.shape[1]] = bt
-            self.bp[slot, b0:b0 + nb, :r].copy_(padded.view(r, nb, 32).transpose(0, 1))
+            rows_b = self.bp.shape[2] if self.pairs else r  # pairs: every row, zeros past r
+            padded = bt.new_zeros(rows_b, nb * 32)
+            padded[:r, :bt.shape[1]] = bt
+            dst = self.bp[slot, b0:b0 + nb, :rows_b]
+            if self.pairs:  # each block [R/2, 32, 2]: (Bt[2q][c], Bt[2q+1][c]) in lane c
+                dst.view(nb, rows_b // 2, 32, 2).copy_(
+                    padded.view(rows_b // 2, 2, nb, 32).permute(2, 0, 3, 1))
+            else:
+                dst.copy_(padded.view(r, nb, 32).transpose(0, 1))
         else:
             off = sum(self.output_sizes[:shard])
             self.bt[slot, rows, off:off + bt.shape[1]].copy_(bt)
@@ -106,7 +123,9 @@ class LoRASlots(nn.Module):
         for j in range(len(self.output_sizes)):
             r = int(self.ranks[slot, j])
             rp = _round8(r)
-            at = self.ap[slot, j, :rp * fin].view(fin, rp)
+            flat = self.ap[slot, j, :rp * fin]
+            at = (flat.view(fin // 2, rp, 2).transpose(1, 2).reshape(fin, rp) if self.pairs
+                  else flat.view(fin, rp))
             out[j * big_r:j * big_r + r] = at[:, :r].t()
         return out
 
@@ -114,12 +133,16 @@ class LoRASlots(nn.Module):
         """[n_shards * R, out] B^T of a slot, whichever layout holds it (reference and tests)."""
         if self.bt is not None:
             return self.bt[slot]
-        big_r = self.rank
+        big_r, rows_b = self.rank, self.bp.shape[2]
         out = self.bp.new_zeros(len(self.output_sizes) * big_r, self.out_features)
         for j, (nb, size) in enumerate(zip(self.blocks, self.output_sizes)):
             b0, off = sum(self.blocks[:j]), sum(self.output_sizes[:j])
-            blk = self.bp[slot, b0:b0 + nb].transpose(0, 1).reshape(big_r, nb * 32)
-            out[j * big_r:(j + 1) * big_r, off:off + size] = blk[:, :size]
+            if self.pairs:
+                blk = (self.bp[slot, b0:b0 + nb].view(nb, rows_b // 2, 32, 2)
+                       .permute(1, 3, 0, 2).reshape(rows_b, nb * 32))
+            else:
+                blk = self.bp[slot, b0:b0 + nb].transpose(0, 1).reshape(rows_b, nb * 32)
+            out[j * big_r:(j + 1) * big_r, off:off + size] = blk[:big_r, :size]
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -179,7 +202,7 @@ class LoRABatch:
     def apply(self, m: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             self.kernel(y, x.contiguous(), m.ap, m.bp, m.ranks, m.shard_sizes, self.tokens,
-                        self.offsets, self.slots)
+                        self.offsets, self.slots, m.pairs)
             return y
         dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
         xz = torch.cat((x, x.new_zeros(1, x.shape[1]))).to(dt)  # row T = zero padding
@@ -191,10 +214,16 @@ class LoRABatch:
 
 
 def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Slow, obviously-correct per-row LoRA delta in float32: [T, out]. For tests only."""
+    """Slow, obviously-correct per-row LoRA delta in float32: [T, out]. For tests only. With
+    the pair layout, z = A x is rounded to bf16 before the expand, as that kernel does (and as
+    PEFT's bf16 lora_A output is); z itself is summed in float64 here."""
     out = torch.zeros(x.shape[0], m.out_features, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
         s = int(token_slots[t])
         if s >= 0:
-            out[t] = (m.dense_a(s).float() @ x[t].float()) @ m.dense_bt(s).float()
+            if m.pairs:
+                z = (m.dense_a(s).double() @ x[t].double()).to(torch.bfloat16).float()
+            else:
+                z = m.dense_a(s).float() @ x[t].float()
+            out[t] = z @ m.dense_bt(s).float()
     return out
