@@ -14,12 +14,13 @@ side's step time minus the GEMMs-alone step, the LoRA tax as the engine sees it.
 
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
         [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16]
-        [--with-base] [--pairs]
+        [--with-base] [--pairs [--pairs-before]]
 
 --dtype is the activations' (the model's) dtype. --pairs gives the after side the kernel's pair
 layout (bf16 activations and adapters on AVX512-BF16 CPUs, as the engine runs them there; the
 before side keeps the plain layout), so `--before WORKTREE --dtype bfloat16 --lora-dtype
-bfloat16 --pairs` compares the two layouts of one kernel.
+bfloat16 --pairs` compares the two layouts of one kernel. --pairs-before gives the before side
+the pair layout too (two revisions that both have it).
 
 Prints, per k, each side's median step time and the median of the per-step ratios after/before;
 saves them to benchmarks/results/ab_lora_kernel.json (or --out).
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--pairs", action="store_true",
                     help="the after side takes the pair layout (bf16 x and adapters)")
+    ap.add_argument("--pairs-before", action="store_true",
+                    help="with --pairs: the before side takes it too")
     ap.add_argument("--with-base", action="store_true",
                     help="run each projection's base GEMM before its LoRA call, and the GEMMs "
                          "alone as a third side")
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ks = [int(k) for k in args.ks.split(",")]
     wdtype, act = getattr(torch, args.lora_dtype), getattr(torch, args.dtype)
+    if args.pairs_before and not args.pairs:
+        raise SystemExit("--pairs-before goes with --pairs")
     if args.pairs and not (act == wdtype == torch.bfloat16):
         raise SystemExit("--pairs takes --dtype bfloat16 --lora-dtype bfloat16")
     with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as tmp:
@@ -125,9 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not lora_pairs_supported():
             raise SystemExit("--pairs: this CPU's kernel build has no pair layout")
-        after_op = ops["after"]
+        after_op, before_op = ops["after"], ops["before"]
         ops["after"] = lambda *a: after_op(*a, True)
-    mods = build(max(ks), args.rank, wdtype)  # every layer's own slot memory
+        if args.pairs_before:
+            ops["before"] = lambda *a: before_op(*a, True)
+    mods = build(max(ks), args.rank, wdtype, args.pairs_before)  # every layer's own slots
     # the after side's own copy of the same weights in the pair layout
     mods_of = {"before": mods, "after": build(max(ks), args.rank, wdtype, True)
                if args.pairs else mods}
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(line, flush=True)
     res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
            "dtype": args.dtype, "lora_dtype": args.lora_dtype, "pairs": args.pairs,
+           "pairs_before": args.pairs_before,
            "reps": args.reps, "with_base": args.with_base,
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

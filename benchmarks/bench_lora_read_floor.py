@@ -290,18 +290,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['read_extra_over_floor']:.2f}x, the read beyond the no-op "
               f"{row['read_cost_over_floor']:.2f}x | kernel / read only "
               f"{row['kernel_over_read']:.2f}", flush=True)
-        if "plain" in extra:
-            row["kernel_over_plain"] = median([t / b for p in passes
-                                               for t, b in zip(p["kernel"], p["plain"])])
-            print(f"       plain layout (a third engine): extra {1e3 * extra['plain']:5.1f} ms "
-                  f"({row['plain_ratio']:.3f}x base); steps pairs / plain, median of rounds "
-                  f"{row['kernel_over_plain']:.3f}", flush=True)
-        if "before" in extra:
-            row["kernel_over_before"] = median([t / b for p in passes
-                                                for t, b in zip(p["kernel"], p["before"])])
-            print(f"       kernel at {args.before}: extra {1e3 * extra['before']:5.1f} ms "
-                  f"({row['before_ratio']:.3f}x base); steps now / then, median of rounds "
-                  f"{row['kernel_over_before']:.3f}", flush=True)
+        for side, label, pair in (("plain", "plain layout (a third engine)", "pairs / plain"),
+                                  ("before", f"kernel at {args.before}", "now / then")):
+            if side in extra:  # the kernel's steps against this side's, round by round
+                ratio = median([t / b for p in passes for t, b in zip(p["kernel"], p[side])])
+                row[f"kernel_over_{side}"] = ratio
+                print(f"       {label}: extra {1e3 * extra[side]:5.1f} ms "
+                      f"({row[f'{side}_ratio']:.3f}x base); steps {pair}, median of rounds "
+                      f"{ratio:.3f}", flush=True)
     res = {"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes, "rows": rows,
            "config": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -344,23 +344,24 @@ inline void shrink_tile(float* z, int64_t ldz, const u32* at, int64_t rp, int64_
 template <int CG>
 inline void shrink_pass(float* z, int64_t ldz, const u32* at, int64_t rp, int64_t c0,
                         int64_t pairs_in, const u32* const* xs, int64_t n, __mmask16 last) {
-  constexpr int kNT = tile_tokens(CG);  // 8 on AVX-512: a work item is one tile
+  // n <= kChunk = 8 = the widest tile; the first tile, whatever its width, reads A^T first
+  // and prefetches ahead of it.
   int64_t t = 0;
-  if (n >= kNT) {
-    shrink_tile<kNT, CG, true>(z, ldz, at, rp, c0, pairs_in, xs, last);
-    t = kNT;
-  }
-  for (; t + kNT <= n; t += kNT)
-    shrink_tile<kNT, CG, false>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
-  if (t + 4 <= n) {
-    shrink_tile<4, CG, false>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
-    t += 4;
-  }
-  if (t + 2 <= n) {
-    shrink_tile<2, CG, false>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
-    t += 2;
-  }
-  if (t < n) shrink_tile<1, CG, false>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
+  bool first = true;
+  auto tile = [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    if (first)
+      shrink_tile<NT, CG, true>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
+    else
+      shrink_tile<NT, CG, false>(z + t * ldz, ldz, at, rp, c0, pairs_in, xs + t, last);
+    first = false;
+    t += NT;
+  };
+  using std::integral_constant;
+  if (t + 8 <= n) tile(integral_constant<int, 8>{});
+  if (t + 4 <= n) tile(integral_constant<int, 4>{});
+  if (t + 2 <= n) tile(integral_constant<int, 2>{});
+  if (t < n) tile(integral_constant<int, 1>{});
 }
 
 // z[t][0:rp] = A x_t for t < n (xs: the tokens' rows as pairs); at is [in/2, rp] pairs.
@@ -531,8 +532,10 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
         for (int64_t j = items[it].j0; j < items[it].j1; ++j) {
           const int64_t r = rk[s * nsh + j], rp = (r + 7) / 8 * 8;
           if (r == 0) continue;
-          const auto* At = reinterpret_cast<const uint32_t*>(app + (s * nsh + j) * RP * in);
-          const auto* Bp = reinterpret_cast<const uint32_t*>(bpp + (s * NB + blk_off[j]) * R * 32);
+          const W* a = app + (s * nsh + j) * RP * in;       // [in/2, rp, 2]
+          const W* b = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R/2, 32, 2]
+          const auto* At = reinterpret_cast<const uint32_t*>(a);
+          const auto* Bp = reinterpret_cast<const uint32_t*>(b);
           pairs::shrink(z.data(), ldz, At, rp, in / 2, xs, n);
           pairs::round_pairs(zb.data(), z.data(), ldz, rp, n);
           pairs::expand(yp, out, shard_off[j], ss[j], Bp, R, r, zb.data(), tk + t0, n);

@@ -11,10 +11,10 @@ Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) own
                                          input feature;
   bp:    [num_slots, NB, R, 32]          (C++ path) B^T packed in blocks of 32 output columns,
                                          so the kernel streams it contiguously;
-  With `pairs` (bf16 activations and adapters on CPUs with AVX512-BF16, see lora.cpp) the same
-  tensors hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as
-  [R/2, 32, 2], pairs along the summed axis, R rounded up to even with zero rows.
   ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
+With `pairs` (bf16 activations and adapters on CPUs with AVX512-BF16, see lora.cpp) ap and bp
+hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as [R/2, 32, 2], pairs
+along the summed axis, R rounded up to even with zero rows.
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
 the first r rows and the C++ kernel computes only those.
