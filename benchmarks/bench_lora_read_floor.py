@@ -209,14 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
     folder = converted_folder(embedded_gguf_path())
     bw = measure_mem_bandwidth(768, kind="read")
     floor_lora_ops, take_bytes_read = floor_ops()
+    old_has_pairs = False
     if args.before:
-        from ab_lora_kernel import build_op
+        from ab_lora_kernel import build_op, source
 
         with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as d:
             old = build_op(args.before, "ab_before", Path(d), direct=True)
+        old_has_pairs = "bool pairs" in source(args.before, "lora.cpp")
         # the engine passes a tenth argument (pairs, False in a plain-layout engine), which
         # revisions before the pair layout do not take
-        floor_lora_ops["before"] = lambda *a: old(*a[:9])
+        floor_lora_ops["before"] = old if old_has_pairs else (lambda *a: old(*a[:9]))
 
     def make_llm():
         return LLM(str(folder), dtype=args.dtype, lora_dtype=args.lora_dtype, enable_lora=True,
@@ -227,9 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     if llms[0].engine.runner.lora_kernel is None:
         raise SystemExit("the C++ LoRA kernel is not in use here: nothing to compare")
     pairs = any(m.pairs for m in llms[0].engine.lora.slots.values())
-    if args.before and pairs:
-        raise SystemExit("--before: the engine holds adapters in the pair layout, which older "
-                         "kernels cannot read; --plain compares the layouts")
+    if args.before and pairs and not old_has_pairs:
+        raise SystemExit("--before: the engine holds adapters in the pair layout, which kernels "
+                         "before it cannot read; --plain compares the layouts")
     if args.plain and not pairs:
         raise SystemExit("--plain: this engine does not use the pair layout (it takes a bf16 "
                          "model and adapters on a CPU with AVX512-BF16)")
