@@ -3,8 +3,8 @@
 (a) LoRA tax: `--requests` concurrent requests spread round-robin over k distinct r=16 adapters
     on all 7 projections vs the same requests on the base model, same engine, for each k, run
     alternately (`--run-pairs` pairs; the median ratio of a pair's runs, and the ratio of each
-    side's fastest run). Beside each ratio, the physical floor: every decode step must read the weights
-    of each distinct adapter it uses once, so LoRA's extra step time is at least
+    side's fastest run). Beside each ratio, the physical floor: every decode step must read the
+    weights of each distinct adapter it uses once, so LoRA's extra step time is at least
     (distinct adapters per step x adapter bytes) / memory read bandwidth (measured now).
     Steady decode is measured on two engines of the same configuration whose steps are
     interleaved one by one (one decodes the requests on the base, the other over the adapters,
@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             for nm, acc in (order if rep % 2 == 0 else order[::-1]):
                 acc.append(run_once(llm, prompts, nm, args.new_tokens))
         tb, tl = min(base_t), min(lora_t)
-        # The machine's speed drifts by up to ~20% within a minute (bf16 base runs of 5.7 and
-        # 7.0 s two minutes apart), so besides the fastest run of each side, the median ratio of runs
-        # made back to back: a pair shares the drift.
+        # The machine's speed drifts by up to ~20% within minutes (bf16 base runs of 5.7 and
+        # 7.0 s two minutes apart), so besides the fastest run of each side, the median ratio
+        # of runs made back to back: a pair shares the drift.
         by_pair = sorted(b / lo for b, lo in zip(base_t, lora_t))
         run_paired = (by_pair[(len(by_pair) - 1) // 2] + by_pair[len(by_pair) // 2]) / 2
         # Steady-state decode on two engines of the same configuration, their steps
