@@ -25,7 +25,8 @@ def _adapters(base, tmp):
                       rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 32}),
         "r64": dict(r=64, lora_alpha=32, target_modules=["gate_proj", "down_proj"],
                     layers_to_transform=[0, 2]),
-        "regex": dict(r=8, lora_alpha=8, target_modules=r".*\.(k_proj|up_proj)"),
+        # a regex that names lm_head only to exclude it: not an lm_head adapter
+        "regex": dict(r=8, lora_alpha=8, target_modules=r"^(?!.*lm_head).*\.(k_proj|up_proj)$"),
     }
     return {n: make_peft_adapter(base, tmp / n, seed=i + 1, **kw)
             for i, (n, kw) in enumerate(specs.items())}

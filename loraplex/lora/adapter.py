@@ -2,8 +2,16 @@
 
 A folder is `adapter_config.json` + `adapter_model.safetensors` (or, only with an explicit
 opt-in, `adapter_model.bin` read with `torch.load(weights_only=True)`). Everything that changes
-the math and is not implemented (DoRA, modules_to_save, LoRA bias, embedding or lm_head LoRA) is
-refused by name, never ignored. Every error is a LoRAError naming the module and the shapes.
+the math and is not implemented (DoRA, modules_to_save, LoRA bias, embedding or lm_head LoRA,
+Activated LoRA, QA-LoRA, trainable tokens, LoRA on parameters, and the other LoRA variants
+listed in `_UNSUPPORTED`) is refused by name, never ignored. Every error is a LoRAError naming
+the module and the shapes.
+
+The weights file says which modules are adapted; the config must agree. PEFT builds LoRA layers
+only where the config's target_modules / exclude_modules / layers_to_transform select a module
+and ignores weights for any other, so a file holding weights for a module its config does not
+select would be served differently by PEFT: it is refused, naming the module (`_selects`
+mirrors PEFT's matching).
 """
 
 from __future__ import annotations
@@ -123,6 +131,65 @@ def _pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
+# LoraConfig fields that change the forward pass in ways this engine does not implement; any
+# truthy value is refused. (VeLoRA's config changes only training's backward pass; its extra
+# tensor is refused as an unexpected tensor.)
+_UNSUPPORTED = {
+    "alora_invocation_tokens": "Activated LoRA (the adapter acts only from its invocation "
+                               "tokens on)",
+    "use_qalora": "QA-LoRA (inputs pooled before lora_A)",
+    "trainable_token_indices": "trainable tokens (changed embedding rows)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (a truncated base weight and a diagonal between A and B)",
+    "monteclora_config": "MonteCLoRA (sampled adapters)",
+}
+
+
+def _selects(cfg: dict, key: str, where: str) -> bool:
+    """Whether PEFT would put a LoRA layer on module `key` (a full module name such as
+    "model.layers.3.self_attn.q_proj") under this config: exclude_modules, then target_modules
+    (a regex string matched whole, "all-linear", or a list of names matched whole or as a
+    dotted suffix), then layers_to_transform, which PEFT applies to list targets matched by
+    suffix only, finding the layer index with layers_pattern
+    (peft.tuners.tuners_utils.check_target_module_exists)."""
+    try:
+        excluded = cfg.get("exclude_modules")
+        if isinstance(excluded, str) and excluded:
+            if re.fullmatch(excluded, key):
+                return False
+        elif excluded and (key in excluded or any(key.endswith(f".{e}") for e in excluded)):
+            return False
+        targets = cfg.get("target_modules")
+        if isinstance(targets, str):
+            if targets.lower() == "all-linear":  # every linear layer but the output head
+                return key != "lm_head"
+            return re.fullmatch(targets, key) is not None
+        if key in targets:
+            return True
+        if not any(key.endswith(f".{t}") for t in targets):
+            return False
+        wanted = cfg.get("layers_to_transform")
+        if wanted is None or wanted == []:
+            return True
+        patterns = cfg.get("layers_pattern")
+        if not patterns:  # the first numbered segment
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if m is not None:
+                    break
+    except re.error as e:
+        raise LoRAError(f"{where}: a target_modules / exclude_modules / layers_pattern pattern "
+                        f"is not a valid regex ({e})") from None
+    if m is None:
+        return False
+    layer = int(m.group("idx"))
+    return layer == wanted if isinstance(wanted, int) else layer in wanted
+
+
 def _check_config(cfg: dict, where: str) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -140,11 +207,17 @@ def _check_config(cfg: dict, where: str) -> None:
         refused.append("fan_in_fan_out=true")
     if cfg.get("layer_replication"):
         refused.append("layer_replication")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            refused.append(f"{what} ({key}={cfg[key]!r})")
     targets = cfg.get("target_modules")
-    names = [targets] if isinstance(targets, str) else list(targets or [])
-    for bad in ("embed_tokens", "lm_head"):
-        if any(bad in str(t) for t in names):
-            refused.append(f"{bad} LoRA (target_modules={targets})")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise LoRAError(f"{where}: target_modules must be a list of names or a regex string, "
+                        f"got {targets!r}")
+    # as PEFT matches them: the full module names of the input embedding and the output head
+    for bad, full in (("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")):
+        if targets is not None and _selects(cfg, full, where):
+            refused.append(f"{bad} LoRA (target_modules={targets!r})")
     if refused:
         raise LoRAError(f"{where}: unsupported adapter feature(s): {'; '.join(refused)}")
     if not isinstance(cfg.get("r", 8), int) or cfg.get("r", 8) < 1:
@@ -362,6 +435,8 @@ def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[in
             hint = ""
             if "lora_magnitude_vector" in key:
                 hint = " (DoRA magnitude vector)"
+            elif "velora" in key:
+                hint = " (VeLoRA's training-time projection)"
             elif "embed" in key or "lm_head" in key:
                 hint = " (embedding / lm_head LoRA is not supported)"
             elif key.endswith(".bias"):
@@ -403,6 +478,13 @@ def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[in
         if r_cfg != r:
             raise LoRAError(f"{where}: {mod_name} has rank {r} in its weights but {r_cfg} in "
                             f"adapter_config.json")
+        if cfg.get("target_modules") is not None and not _selects(cfg, mod_name, where):
+            raise LoRAError(
+                f"{where}: the weights adapt {mod_name}, which adapter_config.json does not "
+                f"select (target_modules={cfg.get('target_modules')!r}, exclude_modules="
+                f"{cfg.get('exclude_modules')!r}, layers_to_transform="
+                f"{cfg.get('layers_to_transform')!r}); PEFT would ignore these weights, so the "
+                f"config and the weights disagree")
         alpha = float(_pattern_value(alpha_pattern, mod_name, alpha_default))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         plan.append((layer, proj, ab["A"], ab["B"], scale))
