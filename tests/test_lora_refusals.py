@@ -64,6 +64,31 @@ def test_non_finite_weights_are_refused_in_every_adapter_dtype(env, dtype, value
         load_adapter("bad", d, cfg, 8, dtype=dtype)
 
 
+@pytest.mark.parametrize("edit", [
+    {"target_modules": "all-linear"},  # literal, as hand-written configs hold it
+    {"target_modules": "ALL-LINEAR"},
+    {"target_modules": r"^(?!.*lm_head).*\.(q|v)_proj$"},  # names lm_head only to exclude it
+    {"target_modules": ["self_attn.q_proj", "model.layers.0.self_attn.v_proj", "v_proj"]},
+    {"exclude_modules": ["o_proj", "embed_tokens"]},
+    {"layers_to_transform": [0, 1, 2], "layers_pattern": "layers"},
+], ids=["all-linear", "ALL-LINEAR", "regex-excluding-lm_head", "dotted-and-full", "exclude",
+        "layers-pattern"])
+def test_configs_selecting_the_weights_modules_load(env, edit):
+    """Configs under which PEFT adapts every module the weights hold (and nothing they lack
+    matters): accepted, with the same modules as the unedited adapter."""
+    import json
+
+    _, tmp, good, llm, _ = env
+    cfg = llm.engine.model_config
+    d = tmp / f"selects-{'-'.join(edit)}-{abs(hash(json.dumps(edit))) % 10**6}"
+    shutil.copytree(good, d)
+    conf = json.loads((d / "adapter_config.json").read_text())
+    conf.update(edit)
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    want = sorted(load_adapter("good", good, cfg, 8).modules)
+    assert sorted(load_adapter("edited", d, cfg, 8).modules) == want
+
+
 def test_rank_above_max_is_refused(env):
     base, tmp, _, llm, ref = env
     big = make_peft_adapter(base, tmp / "big", seed=2, r=16, lora_alpha=16,

@@ -163,8 +163,8 @@ def _selects(cfg: dict, key: str, where: str) -> bool:
             return False
         targets = cfg.get("target_modules")
         if isinstance(targets, str):
-            if targets.lower() == "all-linear":  # every linear layer but the output head
-                return key != "lm_head"
+            if targets.lower() == "all-linear":  # every nn.Linear but the output head
+                return key not in ("lm_head", "model.embed_tokens")
             return re.fullmatch(targets, key) is not None
         if key in targets:
             return True
