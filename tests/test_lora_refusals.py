@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from lora_helpers import BAD_ADAPTERS, KEY, _edit_tensors, make_peft_adapter
+from lora_helpers import BAD_ADAPTERS, KEY, _edit_config, _edit_tensors, make_peft_adapter
 from safetensors.torch import load_file
 
 from loraplex import LLM, SamplingParams
@@ -73,18 +73,14 @@ def test_non_finite_weights_are_refused_in_every_adapter_dtype(env, dtype, value
     {"layers_to_transform": [0, 1, 2], "layers_pattern": "layers"},
 ], ids=["all-linear", "ALL-LINEAR", "regex-excluding-lm_head", "dotted-and-full", "exclude",
         "layers-pattern"])
-def test_configs_selecting_the_weights_modules_load(env, edit):
+def test_configs_selecting_the_weights_modules_load(env, edit, tmp_path):
     """Configs under which PEFT adapts every module the weights hold (and nothing they lack
     matters): accepted, with the same modules as the unedited adapter."""
-    import json
-
-    _, tmp, good, llm, _ = env
+    _, _, good, llm, _ = env
     cfg = llm.engine.model_config
-    d = tmp / f"selects-{'-'.join(edit)}-{abs(hash(json.dumps(edit))) % 10**6}"
+    d = tmp_path / "edited"
     shutil.copytree(good, d)
-    conf = json.loads((d / "adapter_config.json").read_text())
-    conf.update(edit)
-    (d / "adapter_config.json").write_text(json.dumps(conf))
+    _edit_config(d, **edit)
     want = sorted(load_adapter("good", good, cfg, 8).modules)
     assert sorted(load_adapter("edited", d, cfg, 8).modules) == want
 
