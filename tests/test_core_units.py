@@ -164,6 +164,30 @@ def test_random_workload_with_aborts_leaks_nothing():
     assert bm.num_free == bm.num_blocks
 
 
+# ---- runner: the forward's row layout ---------------------------------------------------------
+def test_forward_order_puts_decode_rows_first_and_groups_adapters():
+    """build_context takes one-token rows first; with LoRA the runner also lays out one
+    adapter's rows next to each other (stable, base rows first). The oracle tests check that
+    the permuted rows are sampled and returned as scheduled."""
+    from types import SimpleNamespace
+
+    from loraplex.engine.runner import ModelRunner
+
+    def row(i, n_tokens, slot):
+        return ScheduledRow(i, [0] * n_tokens, 0, [0], True, SamplingParams(), None, [3],
+                            [], adapter_slot=slot)
+
+    rows = [row(0, 1, 2), row(1, 1, -1), row(2, 1, 0), row(3, 5, 1), row(4, 1, 2), row(5, 3, 0),
+            row(6, 1, 0), row(7, 5, -1), row(8, 1, -1)]
+    order = ModelRunner._forward_order(SimpleNamespace(lora_enabled=True), rows)
+    assert order == [1, 8, 2, 6, 0, 4, 7, 5, 3]
+    laid = [(len(rows[i].token_ids) == 1, rows[i].adapter_slot) for i in order]
+    assert laid == sorted(laid, key=lambda t: (not t[0], t[1]))
+    # without LoRA the scheduler's order stands
+    assert ModelRunner._forward_order(SimpleNamespace(lora_enabled=False), rows) == \
+        list(range(len(rows)))
+
+
 # ---- sampler ----------------------------------------------------------------------------------
 def _row(i, seed=None, out=(), **kw):
     return ScheduledRow(i, [0], 0, [0], True, SamplingParams(**kw), seed, [3, 4], list(out))
