@@ -73,12 +73,14 @@ class ModelRunner:
         rows scattered (requests arrive in any order), each thread dirtied rows all over y, and
         the ops after it, which split rows in contiguous halves, found half of theirs dirty in
         the other core's cache (our reading of the timers that follow). Timers around each part
-        of the step (SmolLM2 fp32, 64 decode rows over 8 adapters round-robin, Zen 4 VM) put
-        1.3 ms of LoRA's extra in the base GEMMs, 0.6 in the norms and ~1.7 in attention and the
-        activations; with the rows grouped, all of it was in the kernel. ab_row_order.py (in
-        benchmarks/), both layouts in one run: extra per step at k=8 fp32 10.1 -> 7.4 ms (0.920x
-        -> 0.939x the base), bf16 4.8 -> 4.5 ms; k=32 fp32 25.5 -> 23.3 ms; k=1 (one layout
-        either way) and a quarter of the rows on the base model: unchanged within noise."""
+        of the step (benchmarks/probe_step_parts.py: SmolLM2 fp32, 64 decode rows over 8
+        adapters round-robin, Zen 4 VM, two runs) put 1.4-3.8 ms of LoRA's extra a step outside
+        the LoRA op: +0.3-1.3 in the base GEMMs, +0.3-0.6 in the norms, the rest in attention
+        and the activations; with the rows grouped, 0.0-0.4 ms (GEMMs -0.5 to +0.1, norms ±0.1).
+        benchmarks/ab_row_order.py, both layouts in one run: extra per step at k=8 fp32 10.1 ->
+        7.4 ms (0.920x -> 0.939x the base), bf16 4.8 -> 4.5 ms; k=32 fp32 25.5 -> 23.3 ms; k=1
+        (one layout either way) and a quarter of the rows on the base model: unchanged within
+        noise."""
         if not self.lora_enabled:
             return list(range(len(rows)))
         return sorted(range(len(rows)),
