@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import start_decoding
+from bench_lora import bench_prompts, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -64,8 +64,7 @@ def run_k(llms, prompts, names, steps: int) -> dict[str, list[float]]:
         finally:
             del unordered._forward_order
         for e, ids in zip(engines, rids):
-            for rid in ids:
-                e.abort_request(rid)
+            stop_decoding(e, ids)
     return times
 
 
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     for llm in llms:
         for i, p in enumerate(paths):
             llm.add_lora(f"a{i}", str(p))
-    tok = llms[0].engine.tokenizer
-    ids = tok.encode("The quick brown fox jumps over the lazy dog while the river keeps "
-                     "flowing. " * 40, add_special_tokens=False)
-    prompts = [ids[i:i + args.prompt_len] for i in range(args.requests)]
+    prompts = bench_prompts(llms[0].engine.tokenizer, args.requests, args.prompt_len)
     print(f"model {llms[0].engine.dtype}, r={args.rank} on all 7 projections, "
           f"{args.requests} requests", flush=True)
     rows = []

@@ -95,6 +95,19 @@ def start_decoding(eng, prompts, names, sp) -> list:
     return rids
 
 
+def stop_decoding(eng, rids) -> None:
+    """Abort the requests start_decoding added, so the engine is free for the next round."""
+    for rid in rids:
+        eng.abort_request(rid)
+
+
+def bench_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """`n` distinct prompts of `length` tokens, cut from one repeated English text."""
+    text = "The quick brown fox jumps over the lazy dog while the river keeps flowing. " * 40
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [ids[i:i + length] for i in range(n)]
+
+
 def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[float, float]]:
     """Steady-state decode of the same requests on two engines of one configuration, one
     without adapters and one over `names`, their steps interleaved one by one (in alternating
@@ -115,8 +128,7 @@ def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[
             t[i] = time.perf_counter() - t0
         pairs.append((t[0], t[1]))
     for eng, rids in runs:
-        for rid in rids:
-            eng.abort_request(rid)
+        stop_decoding(eng, rids)
     return pairs
 
 
@@ -276,10 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(d) memory: RSS +{mem['rss_delta_mb']:.0f} MB with {n_adapters} adapters loaded vs "
           f"their total size {mem['sum_adapter_mb']:.0f} MB (n_mem={n_mem})")
 
-    tok = llm.engine.tokenizer
-    text = ("The quick brown fox jumps over the lazy dog while the river keeps flowing. " * 40)
-    ids = tok.encode(text, add_special_tokens=False)
-    prompts = [ids[i:i + args.prompt_len] for i in range(args.requests)]
+    prompts = bench_prompts(llm.engine.tokenizer, args.requests, args.prompt_len)
     warm = run_once(llm, prompts[:4], None, 4)
     del warm
     steps = args.new_tokens  # decode steps carry the requests' tokens

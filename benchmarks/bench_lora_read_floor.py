@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import start_decoding
+from bench_lora import bench_prompts, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -176,8 +176,7 @@ def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
                 eng.step()
     runner.lora_kernel = kernel
     for eng, rids in runs.values():
-        for rid in rids:
-            eng.abort_request(rid)
+        stop_decoding(eng, rids)
     return times
 
 
@@ -248,10 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, p in enumerate(paths):
             ad = llm.add_lora(f"a{i}", str(p))
     adapter_bytes = ad.nbytes
-    tok = llms[0].engine.tokenizer
-    ids = tok.encode("The quick brown fox jumps over the lazy dog while the river keeps "
-                     "flowing. " * 40, add_special_tokens=False)
-    prompts = [ids[i:i + args.prompt_len] for i in range(args.requests)]
+    prompts = bench_prompts(llms[0].engine.tokenizer, args.requests, args.prompt_len)
     print(f"model {llms[0].engine.dtype}, adapters {llms[0].engine.lora_dtype}: r={args.rank} "
           f"on all 7 projections = {adapter_bytes / 1e6:.1f} MB each; read bandwidth "
           f"{bw:.1f} GB/s", flush=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import start_decoding
+from bench_lora import bench_prompts, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     for llm in llms:
         for i, p in enumerate(paths):
             llm.add_lora(f"a{i}", str(p))
-    tok = llms[0].engine.tokenizer
-    ids = tok.encode("The quick brown fox jumps over the lazy dog while the river keeps "
-                     "flowing. " * 40, add_special_tokens=False)
-    prompts = [ids[i:i + args.prompt_len] for i in range(args.requests)]
+    prompts = bench_prompts(llms[0].engine.tokenizer, args.requests, args.prompt_len)
     names = [f"a{i % args.k}" for i in range(args.requests)]
     sp = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
     pairs: list[tuple[dict, dict]] = []
@@ -137,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.scheduler_order:
             del lora.runner._forward_order
         for eng, rs in zip((base, lora), rids):
-            for rid in rs:
-                eng.abort_request(rid)
+            stop_decoding(eng, rs)
     print(f"model {llms[0].engine.dtype}, k={args.k}, {args.requests} requests, rows "
           f"{'in the scheduler order' if args.scheduler_order else 'grouped by adapter'}, "
           f"{len(pairs)} paired steps; ms per step: base, LoRA, median paired difference")
