@@ -11,10 +11,14 @@ alone, interleaved with the other two: then a step's time includes what the adap
 the base GEMMs that follow them (on the Zen 2 dev VM, streaming 32 adapters' 624 MB between the
 GEMMs made the GEMMs ~5% slower, and so did a plain read of the same bytes), and "extra" is a
 side's step time minus the GEMMs-alone step, the LoRA tax as the engine sees it.
+--read-only (with --with-base) adds a fourth side whose LoRA op reads exactly the kernel's bytes
+and computes nothing (benchmarks/bench_lora_read_floor.py's op): the bar no kernel that reads
+its adapters between the GEMMs goes under. A step's tokens are laid out as the runner lays
+them out, one adapter's rows side by side.
 
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
         [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16]
-        [--with-base] [--pairs [--pairs-before]]
+        [--with-base [--read-only]] [--pairs [--pairs-before]]
 
 --dtype is the activations' (the model's) dtype. --pairs gives the after side the kernel's pair
 layout (bf16 activations and adapters on AVX512-BF16 CPUs, as the engine runs them there; the
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--with-base", action="store_true",
                     help="run each projection's base GEMM before its LoRA call, and the GEMMs "
                          "alone as a third side")
+    ap.add_argument("--read-only", action="store_true",
+                    help="with --with-base: a fourth side that only reads the kernel's bytes")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     from loraplex.lora.ops import LoRABatch
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     wdtype, act = getattr(torch, args.lora_dtype), getattr(torch, args.dtype)
     if args.pairs_before and not args.pairs:
         raise SystemExit("--pairs-before goes with --pairs")
+    if args.read_only and not args.with_base:
+        raise SystemExit("--read-only goes with --with-base")
     if args.pairs and not (act == wdtype == torch.bfloat16):
         raise SystemExit("--pairs takes --dtype bfloat16 --lora-dtype bfloat16")
     with tempfile.TemporaryDirectory(prefix="loraplex-ab-") as tmp:
@@ -134,6 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
         ops["after"] = lambda *a: after_op(*a, True)
         if args.pairs_before:
             ops["before"] = lambda *a: before_op(*a, True)
+    if args.read_only:
+        from bench_lora_read_floor import floor_ops
+
+        read_op = floor_ops()[0]["read"]  # the pair layout holds the same bytes in place
+        ops["read"] = lambda *a: read_op(*a, False)
     mods = build(max(ks), args.rank, wdtype, args.pairs_before)  # every layer's own slots
     # the after side's own copy of the same weights in the pair layout
     mods_of = {"before": mods, "after": build(max(ks), args.rank, wdtype, True)
@@ -142,10 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
     ys = {sum(outs): torch.zeros(args.tokens, sum(outs), dtype=act) for _, outs in SHAPES}
     flush = torch.empty(64 << 20, dtype=torch.uint8)
     base = base_gemms(mods, args.tokens, act) if args.with_base else None
-    sides = ["before", "after"] + (["base"] if base else [])
+    sides = ["before", "after"] + (["base"] if base else []) + (["read"] if args.read_only else [])
     rows = []
     for k in ks:
-        b = LoRABatch.build([i % k for i in range(args.tokens)], torch.device("cpu"), None)
+        # one adapter's rows side by side, as ModelRunner._forward_order lays them out
+        b = LoRABatch.build(sorted(i % k for i in range(args.tokens)), torch.device("cpu"), None)
         times = {side: [] for side in sides}
         for rep in range(args.reps):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
@@ -168,16 +182,19 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{med['after']:6.2f} ms | after/before, median of paired steps {row['ratio']:.3f}")
         if base:
             row["base_ms"] = med["base"]
-            for side in ("before", "after"):
+            for side in ("before", "after") + (("read",) if args.read_only else ()):
                 row[f"{side}_extra_ms"] = med[side] - med["base"]
             line += (f" | GEMMs alone {med['base']:6.2f} ms, extra before "
                      f"{row['before_extra_ms']:5.2f} after {row['after_extra_ms']:5.2f}")
+            if args.read_only:
+                line += (f", read-only {row['read_extra_ms']:5.2f} (after / read-only "
+                         f"{row['after_extra_ms'] / row['read_extra_ms']:.2f})")
         rows.append(row)
         print(line, flush=True)
     res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
            "dtype": args.dtype, "lora_dtype": args.lora_dtype, "pairs": args.pairs,
            "pairs_before": args.pairs_before,
-           "reps": args.reps, "with_base": args.with_base,
+           "reps": args.reps, "with_base": args.with_base, "read_only": args.read_only,
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

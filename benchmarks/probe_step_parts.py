@@ -11,10 +11,14 @@ extra outside the kernel shows up in the parts that should not change (GEMMs, no
 The timers cost both engines alike (~0.5 µs a call, a few hundred calls a step).
 
     python benchmarks/probe_step_parts.py [--k 8] [--dtype float32] [--steps 40]
-        [--scheduler-order]
+        [--scheduler-order] [--prefill]
 
 --scheduler-order keeps the LoRA engine's rows in the scheduler's order instead of the
 runner's grouped layout (`ModelRunner._forward_order`), to see what the layout moves.
+--prefill times the prefill step instead (all `--requests` prompts of `--prompt-len` tokens in
+one step, as a whole run of bench_lora.py starts): each round, each engine (in alternating
+order) takes the requests, prefills them and drops them; `--steps` rounds per engine role.
+The step with the most time of the few that admit and prefill them is the prefill.
 Saves benchmarks/results/probe_step_parts.json (or --out).
 """
 
@@ -75,6 +79,27 @@ def install_timers(acc: dict[str, float]) -> None:
     timed(scheduler.Scheduler, "update", "update")
 
 
+def timed_prefill(eng, prompts, names, sp, acc: dict[str, float]) -> dict:
+    """Add one request per prompt, step until all are prefilled, drop them; the parts' times of
+    the longest of those steps (the prefill)."""
+    if eng.scheduler.cfg.max_num_batched_tokens < sum(map(len, prompts)):
+        raise SystemExit("the prompts do not fit one step's token budget (max_num_batched_tokens)"
+                         ": lower --requests or --prompt-len")
+    rids = [eng.add_request(None, sp, prompt_token_ids=p, lora=names[i] if names else None)
+            for i, p in enumerate(prompts)]
+    longest: dict = {"step": 0.0}
+    for _ in range(3):  # admission + prefill, as start_decoding
+        acc.clear()
+        t0 = time.perf_counter()
+        eng.step()
+        got = dict(acc, step=time.perf_counter() - t0)
+        if got["step"] > longest["step"]:
+            longest = got
+    stop_decoding(eng, rids)
+    eng.step()  # the aborts take effect
+    return longest
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=8)
@@ -85,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--scheduler-order", action="store_true",
                     help="LoRA rows in the scheduler's order, not grouped by adapter")
+    ap.add_argument("--prefill", action="store_true",
+                    help="time prefill steps of all the prompts instead of decode steps")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -122,6 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
         base, lora = (llms[0].engine, llms[1].engine)[::1 if role == 0 else -1]
         if args.scheduler_order:
             lora.runner._forward_order = lambda rows: list(range(len(rows)))
+        if args.prefill:
+            for s in range(args.steps):
+                got = [{}, {}]
+                for i in ((0, 1) if s % 2 == 0 else (1, 0)):
+                    got[i] = timed_prefill((base, lora)[i], prompts, (None, names)[i], sp, acc)
+                pairs.append((got[0], got[1]))
+            continue
         rids = [start_decoding(base, prompts, None, sp), start_decoding(lora, prompts, names, sp)]
         for s in range(args.steps):
             got: list[dict] = [{}, {}]
@@ -135,9 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
             del lora.runner._forward_order
         for eng, rs in zip((base, lora), rids):
             stop_decoding(eng, rs)
-    print(f"model {llms[0].engine.dtype}, k={args.k}, {args.requests} requests, rows "
+    ratio = statistics.median(b["step"] / lo["step"] for b, lo in pairs)
+    what = (f"prefill of {args.requests} x {args.prompt_len} tokens" if args.prefill
+            else f"{args.requests} requests decoding")
+    print(f"model {llms[0].engine.dtype}, k={args.k}, {what}, rows "
           f"{'in the scheduler order' if args.scheduler_order else 'grouped by adapter'}, "
-          f"{len(pairs)} paired steps; ms per step: base, LoRA, median paired difference")
+          f"{len(pairs)} paired steps; ms per step: base, LoRA, median paired difference; "
+          f"step ratio base / LoRA, median of pairs {ratio:.3f}")
     rows = []
     for part in PARTS:
         b = [p[0].get(part, 0.0) for p in pairs]
@@ -147,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                "diff_ms": 1e3 * statistics.median(x - y for x, y in zip(lo, b))}
         rows.append(row)
         print(f"  {part:14s} {row['base_ms']:8.2f} {row['lora_ms']:8.2f} {row['diff_ms']:7.2f}")
-    res = {"rows": rows, "config": {k: str(v) for k, v in vars(args).items()}}
+    res = {"rows": rows, "step_ratio": ratio, "config": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"saved {args.out}")
