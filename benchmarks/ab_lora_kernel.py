@@ -13,8 +13,9 @@ GEMMs made the GEMMs ~5% slower, and so did a plain read of the same bytes), and
 side's step time minus the GEMMs-alone step, the LoRA tax as the engine sees it.
 --read-only (with --with-base) adds a fourth side whose LoRA op reads exactly the kernel's bytes
 and computes nothing (benchmarks/bench_lora_read_floor.py's op): the bar no kernel that reads
-its adapters between the GEMMs goes under. A step's tokens are laid out as the runner lays
-them out, one adapter's rows side by side.
+its adapters between the GEMMs goes under. It also prints the LoRA calls' own time per step
+(timed apart from the GEMMs), which is steadier than the difference of two step times.
+A step's tokens are laid out as the runner lays them out, one adapter's rows side by side.
 
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
         [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16]
@@ -161,19 +162,24 @@ def main(argv: list[str] | None = None) -> dict:
         # one adapter's rows side by side, as ModelRunner._forward_order lays them out
         b = LoRABatch.build(sorted(i % k for i in range(args.tokens)), torch.device("cpu"), None)
         times = {side: [] for side in sides}
+        op_times = {side: [] for side in sides}
         for rep in range(args.reps):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
                 op = ops.get(side)
                 if base is None:
                     flush.add_(1)  # with base GEMMs, their weights flush the caches
+                in_op = 0.0  # the LoRA calls' own time, apart from the GEMMs'
                 t0 = time.perf_counter()
                 for i, m in enumerate(mods_of.get(side, mods)):
                     x = xs[m.in_features]
                     y = base[i](x) if base else ys[m.out_features]
                     if op is not None:
+                        t1 = time.perf_counter()
                         op(y, x, m.ap, m.bp, m.ranks, m.shard_sizes, b.tokens, b.offsets,
                            b.slots)
+                        in_op += time.perf_counter() - t1
                 times[side].append(time.perf_counter() - t0)
+                op_times[side].append(in_op)
         ratios = sorted(a / b for a, b in zip(times["after"], times["before"]))
         med = {side: sorted(v)[len(v) // 2] * 1e3 for side, v in times.items()}
         row = {"k": k, "before_ms": med["before"], "after_ms": med["after"],
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
             if args.read_only:
                 line += (f", read-only {row['read_extra_ms']:5.2f} (after / read-only "
                          f"{row['after_extra_ms'] / row['read_extra_ms']:.2f})")
+                for side in ("before", "after", "read"):
+                    v = sorted(op_times[side])
+                    row[f"{side}_calls_ms"] = v[len(v) // 2] * 1e3
+                line += (f" | the LoRA calls alone: before {row['before_calls_ms']:5.2f}, after "
+                         f"{row['after_calls_ms']:5.2f}, read-only {row['read_calls_ms']:5.2f} ms")
         rows.append(row)
         print(line, flush=True)
     res = {"before": args.before, "after": args.after, "tokens": args.tokens, "rank": args.rank,
