@@ -151,24 +151,25 @@ def main(argv: list[str] | None = None) -> dict:
             lora.runner._forward_order = lambda rows: list(range(len(rows)))
         if args.prefill:
             for s in range(args.steps):
-                got = [{}, {}]
+                got: list[dict] = [{}, {}]
                 for i in ((0, 1) if s % 2 == 0 else (1, 0)):
                     got[i] = timed_prefill((base, lora)[i], prompts, (None, names)[i], sp, acc)
                 pairs.append((got[0], got[1]))
-            continue
-        rids = [start_decoding(base, prompts, None, sp), start_decoding(lora, prompts, names, sp)]
-        for s in range(args.steps):
-            got: list[dict] = [{}, {}]
-            for i in ((0, 1) if s % 2 == 0 else (1, 0)):
-                acc.clear()
-                t0 = time.perf_counter()
-                (base, lora)[i].step()
-                got[i] = dict(acc, step=time.perf_counter() - t0)
-            pairs.append((got[0], got[1]))
+        else:
+            rids = [start_decoding(base, prompts, None, sp),
+                    start_decoding(lora, prompts, names, sp)]
+            for s in range(args.steps):
+                got = [{}, {}]
+                for i in ((0, 1) if s % 2 == 0 else (1, 0)):
+                    acc.clear()
+                    t0 = time.perf_counter()
+                    (base, lora)[i].step()
+                    got[i] = dict(acc, step=time.perf_counter() - t0)
+                pairs.append((got[0], got[1]))
+            for eng, rs in zip((base, lora), rids):
+                stop_decoding(eng, rs)
         if args.scheduler_order:
             del lora.runner._forward_order
-        for eng, rs in zip((base, lora), rids):
-            stop_decoding(eng, rs)
     ratio = statistics.median(b["step"] / lo["step"] for b, lo in pairs)
     what = (f"prefill of {args.requests} x {args.prompt_len} tokens" if args.prefill
             else f"{args.requests} requests decoding")
