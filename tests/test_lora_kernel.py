@@ -75,6 +75,50 @@ def check_kernel(kern, pairs: bool = False) -> None:
             assert torch.equal(row[0], got[t]), (act, wt, pair_layout, t)
 
 
+def test_decode_items_run_in_pairs_bit_for_bit():
+    """Decode with several adapters: the fp32 kernel runs two groups' first chunks of 8 tokens
+    side by side in the shrink (shrink_two, AVX-512). Groups of 8 tokens over mixed ranks
+    (<= 8, 16, above 16, and unadapted shards, so a pair takes each shrink path), beside a short
+    group and base rows, with 1 and 2 threads (other pairings): every row within fp32 rounding
+    of the reference and bit for bit its result alone."""
+    from loraplex.kernels import kernels
+
+    ops = kernels()
+    if ops is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    gen = torch.Generator().manual_seed(1)
+    fin, sizes = 100, [64, 40, 96]
+    m = LoRASlots(fin, sizes, num_slots=9, max_rank=33, device=torch.device("cpu"), dtype=FP32,
+                  packed=True)
+    ranks = {0: [16, 16, 16], 1: [8, 4, 16], 2: [16, 0, 33], 3: [1, 16, 8], 4: [24, 8, 0],
+             5: [16, 16, 16], 6: [3, 3, 3], 7: [16, 16, 16]}
+    for slot, rs in ranks.items():
+        for shard, (out, r) in enumerate(zip(sizes, rs)):
+            if r:
+                m.write(slot, shard, torch.randn(r, fin, generator=gen),
+                        torch.randn(out, r, generator=gen), 0.25 + slot / 4)
+    counts = {-1: 3, 0: 8, 1: 8, 2: 8, 6: 3, 3: 8, 4: 8, 5: 8, 7: 16}
+    slots = sorted(s for s, n in counts.items() for _ in range(n))  # grouped, as the runner does
+    x = torch.randn(len(slots), fin, generator=gen)
+    y0 = 10 * torch.randn(len(slots), sum(sizes), generator=gen)
+    want = y0 + reference_delta(m, x, torch.tensor(slots))
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            got = LoRABatch.build(slots, torch.device("cpu"), ops.lora_delta_).apply(
+                m, x, y0.clone())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            for t, s in enumerate(slots):
+                row = y0[t:t + 1].clone()
+                if s >= 0:
+                    row = LoRABatch.build([s], torch.device("cpu"), ops.lora_delta_).apply(
+                        m, x[t:t + 1].contiguous(), row)
+                assert torch.equal(row[0], got[t]), (n, t, s)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_native_kernel_tiles():
     from loraplex.kernels import kernels, lora_pairs_supported
 

@@ -9,7 +9,9 @@
 // rank is computed, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
 // (tokens[offsets[g]:offsets[g+1]] use slots[g]); work items are (group, chunk of <= 8 tokens),
 // so each item writes disjoint rows of y and reads its adapter's A and B once from memory (with
-// fewer items than threads, items are split by shard, which write disjoint columns).
+// fewer items than threads, items are split by shard, which write disjoint columns). At decode
+// with several adapters a thread runs two such items side by side in the shrink (shrink_two),
+// so two adapters' A^T stream at once.
 //
 // Both halves are register-tiled outer products, with no horizontal sums: shrink keeps a
 // tokens x rank tile of z = x A^T in registers while it streams A^T's rows (one rank vector per
@@ -37,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -50,17 +53,23 @@ using loraplex_vec::Vec;
 
 constexpr int64_t kChunk = 8;  // tokens per work item (and the widest token tile)
 // Software prefetch into L2, ahead of the loads: shrink reads A^T this many bytes ahead, expand
-// pulls in the B block this many blocks ahead. A rank-16 fp32 A^T row is one cache line used
+// pulls in the B block kSpreadAhead blocks ahead, row by row from inside the current block's
+// first tile (one line per rank row and tile). A rank-16 fp32 A^T row is one cache line used
 // by 8 FMAs, faster than the hardware prefetcher ramps up on these short streams, and L1 holds
 // too few outstanding misses to cover DRAM latency. Measured on the 8 adapters x 8 tokens step
 // (benchmarks/bench_lora_kernel.py): 7.6-8.0 ms with one block ahead into L1, 6.1-6.6 ms so.
-// On AVX2 (Zen 2) that burst of B prefetches measured neutral to 5-10% slower (one step's 120
-// calls, 64 tokens over 1-32 adapters, caches flushed between steps); there the next block is
-// prefetched row by row from inside the current block's tiles instead (kSpreadB), one line per
-// rank row and tile, which took 8 adapters x 8 tokens from 11.2 to 9.6 ms a step.
+// The B prefetches were first issued in a burst, a whole block two blocks ahead at each
+// block's start. On AVX2 (Zen 2) the burst measured neutral to 5-10% slower than spreading
+// them one block ahead, which took 8 adapters x 8 tokens from 11.2 to 9.6 ms a step. On
+// AVX-512 (Zen 4) spreading them two blocks ahead, with the paired shrink below, cut the
+// LoRA calls of a decode step beside the base GEMMs (benchmarks/ab_lora_kernel.py --with-base)
+// at 8 adapters x 8 tokens by 0.35-0.8 ms (see shrink_two). 4 KB ahead is the best distance
+// measured there: 2 KB cost ~0.9 ms more a step, 8 and 16 KB 0.2-0.5 ms.
 constexpr int64_t kAheadBytes = 4096;
-constexpr bool kSpreadB = Vec::W == 8;
-constexpr int64_t kAheadBlocks = kSpreadB ? 0 : 2;
+constexpr int64_t kSpreadAhead = Vec::W == 8 ? 1 : 2;
+// The pair layout's expand still prefetches in a burst, two blocks ahead (it reads at the
+// read-only op's pace; see namespace pairs).
+constexpr int64_t kPairsAheadBlocks = 2;
 // Rows of A^T per shrink block when an item streams its adapter's A^T from memory and takes
 // more than one token tile (see shrink_pass).
 constexpr int64_t kShrinkBlock = 16;
@@ -165,6 +174,46 @@ inline void shrink(float* z, int64_t ldz, const W* at, int64_t rp, int64_t in, c
   }
 }
 
+// Two work items' shrinks in one pass: z1[t][0:rp1] = A1 x1[t] and z2[t][0:rp2] = A2 x2[t]
+// for t < kChunk (fp32 x and weights; rp1, rp2 <= Vec::W, one rank vector each, dead lanes 0).
+// The two adapters' A^T stream side by side, each prefetched kAheadBytes ahead, so each thread
+// keeps two streams in flight and has two tiles' FMAs to run under them. Each token's sums are
+// the same chain of FMAs as in shrink_tile, so its result is bit for bit the single-item one.
+// Measured with the expand's spread prefetch (see kSpreadAhead), fp32, 8 adapters x 8 tokens,
+// a decode step's LoRA calls beside the base GEMMs (benchmarks/ab_lora_kernel.py --with-base,
+// Zen 4, three runs): 7.35 -> 6.55, 8.06 -> 7.70 and 8.22 -> 7.87 ms (steps 0.992-0.994;
+// 32 adapters unchanged); the shrink pairing alone 7.43 -> 7.14 ms. In the engine
+// (bench_lora_read_floor.py --before) k=8's extra went 8.4 -> 7.9 ms, within that run's noise
+// (steps 0.998). Pairing the expands too (two B streams, block by block) was 0.9 ms slower.
+inline void shrink_two(float* z1, float* z2, int64_t ldz, const float* at1, int64_t rp1,
+                       const float* at2, int64_t rp2, int64_t in, const float* const* xs1,
+                       const float* const* xs2) {
+  V acc1[kChunk], acc2[kChunk];
+#pragma GCC unroll 8
+  for (int t = 0; t < kChunk; ++t) acc1[t] = acc2[t] = Vec::zero();
+  const Vec::Mask m1 = Vec::mask(rp1), m2 = Vec::mask(rp2);
+  const int64_t ahead = kAheadBytes / static_cast<int64_t>(sizeof(float));
+  const float* row1 = at1;
+  const float* row2 = at2;
+  for (int64_t k = 0; k < in; ++k, row1 += rp1, row2 += rp2) {
+    Vec::prefetch(row1 + ahead);  // may point past the tensor: prefetches never fault
+    Vec::prefetch(row2 + ahead);
+    V a1 = Vec::load(row1, m1), a2 = Vec::load(row2, m2);
+    Vec::keep(a1);
+    Vec::keep(a2);
+#pragma GCC unroll 8
+    for (int t = 0; t < kChunk; ++t) {
+      acc1[t] = Vec::fma(a1, Vec::set1(xs1[t][k]), acc1[t]);
+      acc2[t] = Vec::fma(a2, Vec::set1(xs2[t][k]), acc2[t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < kChunk; ++t) {
+    Vec::store(z1 + t * ldz, acc1[t]);
+    Vec::store(z2 + t * ldz, acc2[t]);
+  }
+}
+
 // ys[t][col : col + NV*W] += sum_i z[t][i] * b[i * 32 + col : ...] for t < NT (b: one packed
 // block of 32 columns, r rows). PF: also prefetch the same lines of the block at `next`.
 template <int NT, int NV, bool PF, typename W, typename T>
@@ -258,22 +307,16 @@ template <typename W, typename T>
 inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t R,
                    int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n,
                    bool stream) {
-  constexpr int64_t kLine = 64 / sizeof(W);
   const int64_t nblk = (on + 31) / 32;
   T* ys[kChunk];
   for (int64_t c = 0; c < nblk; ++c) {
     const W* b = Bp + c * R * 32;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
-    // a later block's r rows of 32 weights (1-2 lines each)
-    if (kAheadBlocks > 0 && c + kAheadBlocks < nblk)
-      for (int64_t i = 0; i < r; ++i)
-        for (int64_t l = 0; l < 32; l += kLine)
-          Vec::prefetch(b + kAheadBlocks * R * 32 + i * 32 + l);
     if (w == 32) {
       for (int64_t t = 0; t < n; ++t) ys[t] = y + tok[t] * ldy + o0 + c * 32;
-      // The block after the shard's last is the next shard's first (or harmlessly
+      // The blocks after the shard's last are the next shard's first (or harmlessly
       // another slot's: prefetches never fault).
-      expand_tokens(ys, b, r, z, ldz, n, kSpreadB && stream ? b + R * 32 : nullptr);
+      expand_tokens(ys, b, r, z, ldz, n, stream ? b + kSpreadAhead * R * 32 : nullptr);
       continue;
     }
     // Partial block: accumulate in float32, round once.
@@ -430,10 +473,10 @@ inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, 
   for (int64_t c = 0; c < nblk; ++c) {
     const u32* b = Bp + c * blk;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
-    if (c + kAheadBlocks < nblk)  // a later block's pair rows (128 bytes each)
+    if (c + kPairsAheadBlocks < nblk)  // a later block's pair rows (128 bytes each)
       for (int64_t q = 0; q < qn; ++q) {
-        Vec::prefetch(b + kAheadBlocks * blk + q * 32);
-        Vec::prefetch(b + kAheadBlocks * blk + q * 32 + 16);
+        Vec::prefetch(b + kPairsAheadBlocks * blk + q * 32);
+        Vec::prefetch(b + kPairsAheadBlocks * blk + q * 32 + 16);
       }
     if (w == 32) {
       for (int64_t t = 0; t < n; ++t) ys[t] = y + tok[t] * ldy + o0 + c * 32;
@@ -515,11 +558,54 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   constexpr bool kWidenX = sizeof(T) == 2 && !P;
+  // Two items run as a pair (shrink_two) when both are a group's first chunk of kChunk tokens
+  // (each streams its adapter from memory: decode with several adapters), over the same
+  // shards; fp32 x and weights, AVX-512 (a rank vector is 16 lanes).
+  constexpr bool kPairItems =
+      std::is_same_v<T, float> && std::is_same_v<W, float> && !P && Vec::W == 16;
+  auto full_first_chunk = [&](const Item& item) {
+    return item.t0 == of[item.g] && of[item.g + 1] - item.t0 >= kChunk;
+  };
   const int64_t rows[kChunk] = {0, 1, 2, 3, 4, 5, 6, 7};
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(kChunk * ldz), xf(kWidenX ? kChunk * in : 0);
+    std::vector<float> z2(kPairItems ? kChunk * ldz : 0);  // the second item of a pair
     std::vector<uint32_t> zb(P ? kChunk * ldz / 2 : 0);
     for (int64_t it = begin; it < end; ++it) {
+      if constexpr (kPairItems) {
+        const Item& i1 = items[it];
+        if (it + 1 < end && full_first_chunk(i1) && full_first_chunk(items[it + 1]) &&
+            items[it + 1].j0 == i1.j0 && items[it + 1].j1 == i1.j1) {
+          const Item& i2 = items[it + 1];
+          const int64_t s1 = sl[i1.g], s2 = sl[i2.g];
+          const float* xs1[kChunk];
+          const float* xs2[kChunk];
+          for (int64_t t = 0; t < kChunk; ++t) {
+            xs1[t] = xp + tk[i1.t0 + t] * in;
+            xs2[t] = xp + tk[i2.t0 + t] * in;
+          }
+          for (int64_t j = i1.j0; j < i1.j1; ++j) {
+            const int64_t r1 = rk[s1 * nsh + j], r2 = rk[s2 * nsh + j];
+            const int64_t rp1 = (r1 + 7) / 8 * 8, rp2 = (r2 + 7) / 8 * 8;
+            const W* A1 = app + (s1 * nsh + j) * RP * in;
+            const W* A2 = app + (s2 * nsh + j) * RP * in;
+            if (r1 > 0 && r2 > 0 && rp1 <= Vec::W && rp2 <= Vec::W) {
+              shrink_two(z.data(), z2.data(), ldz, A1, rp1, A2, rp2, in, xs1, xs2);
+            } else {  // a shard one of them does not adapt, or a rank above 16
+              if (r1 > 0) shrink(z.data(), ldz, A1, rp1, in, xp, tk + i1.t0, kChunk, true);
+              if (r2 > 0) shrink(z2.data(), ldz, A2, rp2, in, xp, tk + i2.t0, kChunk, true);
+            }
+            if (r1 > 0)
+              expand(yp, out, shard_off[j], ss[j], bpp + (s1 * NB + blk_off[j]) * R * 32, R,
+                     r1, z.data(), ldz, tk + i1.t0, kChunk, true);
+            if (r2 > 0)
+              expand(yp, out, shard_off[j], ss[j], bpp + (s2 * NB + blk_off[j]) * R * 32, R,
+                     r2, z2.data(), ldz, tk + i2.t0, kChunk, true);
+          }
+          ++it;
+          continue;
+        }
+      }
       const int64_t g = items[it].g, t0 = items[it].t0;
       const int64_t t1 = std::min(t0 + kChunk, of[g + 1]), n = t1 - t0;
       const int64_t s = sl[g];
