@@ -34,7 +34,6 @@ saves them to benchmarks/results/ab_lora_kernel.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import save_results
 from bench_lora_kernel import SHAPES, build  # the same step: SmolLM2's 30 x 4 calls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
            "pairs_before": args.pairs_before,
            "reps": args.reps, "with_base": args.with_base, "read_only": args.read_only,
            "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"saved {args.out}")
-    return res
+    return save_results(args.out, res)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ side's (median of rounds). Saves benchmarks/results/ab_row_order.json (or --out)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import bench_prompts, start_decoding, stop_decoding
+from bench_lora import bench_prompts, save_results, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -123,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"+{row['scheduler_order_extra_ms']:.2f} ms | grouped / scheduler order "
               f"{row['grouped_over_scheduler_order']:.3f}", flush=True)
     res = {"rows": rows, "config": {k: str(v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"saved {args.out}")
-    return res
+    return save_results(args.out, res)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import save_results
+
 from roofline import (
     ForeignCpu,
     cpu_idle_fraction,
@@ -412,10 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      for name, rs in by.items()} for s, by in runs.items()},
         "bench_seconds": bench_s,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"saved {args.out}")
-    return out
+    return save_results(args.out, out)
 
 
 def summarize(runs, runners, arith, gemm, bw, L, N) -> dict[str, Any]:

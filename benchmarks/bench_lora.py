@@ -46,6 +46,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lora.json"
 
 
+def save_results(path: Path, res: dict) -> dict:
+    """Write a benchmark's results as JSON to `path` (creating its folder), say where, and
+    return them: the end of every script here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    print(f"saved {path}")
+    return res
+
+
 def pcts(seconds: list[float]) -> dict:
     s = sorted(seconds)
     return {"p50_ms": 1e3 * s[len(s) // 2], "p99_ms": 1e3 * s[min(len(s) - 1, int(0.99 * len(s)))]}
@@ -401,10 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
            "lora_flops_per_token": lora_flops_per_token, "adapter_bytes": adapter_bytes,
            "cold_load": cold, "memory": mem, "tax": rows, "vs_peft": peft_res,
            "config": vars(args) | {"out": str(args.out)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"saved {args.out}")
-    return out
+    return save_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ own copy of the requests, taking as many steps a round as the others.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import bench_prompts, start_decoding, stop_decoding
+from bench_lora import bench_prompts, save_results, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -298,10 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{ratio:.3f}", flush=True)
     res = {"bandwidth_gbps": bw, "adapter_bytes": adapter_bytes, "rows": rows,
            "config": {k: str(v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"saved {args.out}")
-    return res
+    return save_results(args.out, res)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ per-step ratios to seq, and to base. Saves benchmarks/results/probe_gemm_overlap
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_lora_kernel import source
+from bench_lora import save_results
 from bench_lora_kernel import SHAPES, build
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_gemm_overlap.json"
@@ -209,10 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"dtype": args.dtype, "k": args.k, "tokens": args.tokens, "rank": args.rank,
            "pairs": pairs, "reps": args.reps, "max_abs_err_overlap_vs_seq": err,
            "best_case_saving_ms": best, "cut_cost_ms": cut, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"saved {args.out}")
-    return res
+    return save_results(args.out, res)
 
 
 if __name__ == "__main__":

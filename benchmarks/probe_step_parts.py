@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import bench_prompts, start_decoding, stop_decoding
+from bench_lora import bench_prompts, save_results, start_decoding, stop_decoding
 
 from loraplex.bench.adapters import write_adapter
 
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"  {part:14s} {row['base_ms']:8.2f} {row['lora_ms']:8.2f} {row['diff_ms']:7.2f}")
     res = {"rows": rows, "step_ratio": ratio, "config": {k: str(v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"saved {args.out}")
-    return res
+    return save_results(args.out, res)
 
 
 if __name__ == "__main__":
