@@ -5,7 +5,9 @@
     alternately (`--run-pairs` pairs; the median ratio of a pair's runs, and the ratio of each
     side's fastest run). Beside each ratio, the physical floor: every decode step must read the
     weights of each distinct adapter it uses once, so LoRA's extra step time is at least
-    (distinct adapters per step x adapter bytes) / memory read bandwidth (measured now).
+    (distinct adapters per step x adapter bytes) / memory read bandwidth, read beside that k's
+    runs and steps (the median of those reads: this VM's read bandwidth swings 27-67 GB/s
+    within minutes; steady decode reads it before every step pair).
     Steady decode is measured on two engines of the same configuration whose steps are
     interleaved one by one (one decodes the requests on the base, the other over the adapters,
     roles swapped every round): the median ratio of such pairs resists this machine's noise.
@@ -58,6 +60,18 @@ def save_results(path: Path, res: dict) -> dict:
 def pcts(seconds: list[float]) -> dict:
     s = sorted(seconds)
     return {"p50_ms": 1e3 * s[len(s) // 2], "p99_ms": 1e3 * s[min(len(s) - 1, int(0.99 * len(s)))]}
+
+
+def window_bandwidth(quick: bool, repeats: int = 3) -> float:
+    """Memory read bandwidth (GB/s) now: a short measurement to take between a k's runs or
+    steps (256 MB, 8x this VM's L3; best of `repeats` after one untimed read)."""
+    return measure_mem_bandwidth(64 if quick else 256, repeats=repeats, kind="read",
+                                 budget_s=1.0)
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2 if s else float("nan")
 
 
 def first_touch(nbytes: int) -> bytearray:
@@ -117,11 +131,13 @@ def bench_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [ids[i:i + length] for i in range(n)]
 
 
-def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[float, float]]:
+def decode_paired(base_llm, lora_llm, prompts, names, steps: int,
+                  probe=None) -> list[tuple[float, float, float | None]]:
     """Steady-state decode of the same requests on two engines of one configuration, one
     without adapters and one over `names`, their steps interleaved one by one (in alternating
-    order): (base step, LoRA step) pairs in seconds, each pair taken within ~0.2 s of machine
-    time, so the ratio of a pair is immune to the noise that shifts whole runs here. Every
+    order): (base step, LoRA step, probe()) per pair, steps in seconds, each pair taken within
+    ~0.2 s of machine time, so the ratio of a pair is immune to the noise that shifts whole runs
+    here. `probe` (e.g. a read bandwidth) runs just before each pair, None without one. Every
     request is admitted and prefilled first; each timed step decodes one token for all."""
     from loraplex import SamplingParams
 
@@ -130,12 +146,13 @@ def decode_paired(base_llm, lora_llm, prompts, names, steps: int) -> list[tuple[
             for llm, nm in ((base_llm, None), (lora_llm, names))]
     pairs = []
     for s in range(steps):
+        probed = probe() if probe is not None else None
         t = [0.0, 0.0]
         for i in ((0, 1) if s % 2 == 0 else (1, 0)):
             t0 = time.perf_counter()
             runs[i][0].step()
             t[i] = time.perf_counter() - t0
-        pairs.append((t[0], t[1]))
+        pairs.append((t[0], t[1], probed))
     for eng, rids in runs:
         stop_decoding(eng, rids)
     return pairs
@@ -306,17 +323,25 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ks:
         names = [f"a{i % k}" for i in range(args.requests)]
         run_once(llm, prompts[:min(len(prompts), 2 * k)], names[:min(len(prompts), 2 * k)], 2)
+        # The floor's yardstick, read again beside this k's runs and steps: one read of the
+        # whole buffer measured 29 and 45 GB/s minutes apart on the Zen 4 VM, and 27-67 GB/s
+        # within one k's runs, so a floor from the start of the run can be off by 2x by the
+        # time k=32 decodes. The median of the reads beside the runs (or steps) a figure comes
+        # from sets its floor; steady decode also gives the median, over its step pairs, of
+        # each pair's extra over the floor at the read just before it.
+        bw_runs = []
         base_t, lora_t = [], []
         for rep in range(args.run_pairs):
+            bw_runs.append(window_bandwidth(args.quick))
             order = [(None, base_t), (names, lora_t)]
             for nm, acc in (order if rep % 2 == 0 else order[::-1]):
                 acc.append(run_once(llm, prompts, nm, args.new_tokens))
+        bw_runs.append(window_bandwidth(args.quick))
         tb, tl = min(base_t), min(lora_t)
         # The machine's speed drifts by up to ~20% within minutes (bf16 base runs of 5.7 and
         # 7.0 s two minutes apart), so besides the fastest run of each side, the median ratio
         # of runs made back to back: a pair shares the drift.
-        by_pair = sorted(b / lo for b, lo in zip(base_t, lora_t))
-        run_paired = (by_pair[(len(by_pair) - 1) // 2] + by_pair[len(by_pair) // 2]) / 2
+        run_paired = median([b / lo for b, lo in zip(base_t, lora_t)])
         # Steady-state decode on two engines of the same configuration, their steps
         # interleaved one by one (see decode_paired); the engines swap roles every round, so
         # neither's memory placement favours a side. Only when every request can decode in the
@@ -329,15 +354,19 @@ def main(argv: list[str] | None = None) -> dict:
                 for i in range(min(max(ks), args.max_loras)):
                     twin.add_lora(f"a{i}", str(paths[i]))
             a, b = (llm, twin) if rnd % 2 == 0 else (twin, llm)
-            pairs.extend(decode_paired(a, b, prompts, names, args.decode_steps))
-        sb = sorted(p[0] for p in pairs)
-        sl = sorted(p[1] for p in pairs)
-        paired = sorted(p[0] / p[1] for p in pairs)
-        step_b = sb[len(sb) // 2] if sb else float("nan")
-        step_l = sl[len(sl) // 2] if sl else float("nan")
-        paired_ratio = paired[len(paired) // 2] if paired else float("nan")
+            pairs.extend(decode_paired(a, b, prompts, names, args.decode_steps,
+                                       probe=lambda: window_bandwidth(args.quick, repeats=1)))
+        step_b = median([p[0] for p in pairs])
+        step_l = median([p[1] for p in pairs])
+        paired_ratio = median([p[0] / p[1] for p in pairs])
         distinct_per_step = min(k, args.max_loras, args.requests)
-        floor_step = distinct_per_step * adapter_bytes / (bw * 1e9)
+        step_bytes = distinct_per_step * adapter_bytes
+        bw_floor = median(bw_runs)
+        floor_step = step_bytes / (bw_floor * 1e9)
+        bw_steps = [p[2] for p in pairs]
+        bw_decode = median(bw_steps)
+        decode_floor = step_bytes / (bw_decode * 1e9)
+        over_floor_paired = median([(p[1] - p[0]) / (step_bytes / (p[2] * 1e9)) for p in pairs])
         extra_step = (tl - tb) / steps
         # A decode step computes every request's delta: at the GEMM peak, with no overlap of
         # its arithmetic and its adapter reads, LoRA adds compute + bytes; perfectly overlapped,
@@ -347,6 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
                "throughput_ratio_paired": run_paired, "base_runs_s": base_t,
                "lora_runs_s": lora_t,
                "distinct_adapters_per_step": distinct_per_step,
+               "bandwidth_gbps": bw_floor, "bandwidth_runs_gbps": bw_runs,
+               "floor_at_start_bandwidth_ms": 1e3 * step_bytes / (bw * 1e9),
                "floor_extra_ms_per_step": 1e3 * floor_step,
                "extra_ms_per_step": 1e3 * extra_step,
                "extra_over_floor": extra_step / floor_step if floor_step else None,
@@ -354,18 +385,24 @@ def main(argv: list[str] | None = None) -> dict:
                "decode_step_base_ms": 1e3 * step_b, "decode_step_lora_ms": 1e3 * step_l,
                "decode_ratio": step_b / step_l, "decode_paired_ratio": paired_ratio,
                "decode_extra_ms_per_step": 1e3 * (step_l - step_b),
-               "decode_extra_over_floor": (step_l - step_b) / floor_step,
-               "decode_floor_ratio": step_b / (step_b + floor_step),
+               "decode_bandwidth_gbps": bw_decode, "decode_bandwidth_steps_gbps": bw_steps,
+               "decode_floor_ms_per_step": 1e3 * decode_floor,
+               "decode_extra_over_floor": (step_l - step_b) / decode_floor,
+               "decode_extra_over_floor_paired": over_floor_paired,
+               "decode_floor_ratio": step_b / (step_b + decode_floor),
                "compute_floor_ms_per_step": 1e3 * compute_step,
-               "decode_floor_ratio_overlapped": step_b / (step_b + max(floor_step, compute_step)),
-               "decode_floor_ratio_serial": step_b / (step_b + floor_step + compute_step)}
+               "decode_floor_ratio_overlapped": step_b / (step_b + max(decode_floor,
+                                                                       compute_step)),
+               "decode_floor_ratio_serial": step_b / (step_b + decode_floor + compute_step)}
         if not steady:  # no step decodes every request: no steady-state figure
             row.update({key: None for key in row if key.startswith("decode_")})
         rows.append(row)
         print(f"(a) k={k:4d}: base {tb:6.2f}s  lora {tl:6.2f}s  -> {row['throughput_ratio']:.3f}x "
               f"base throughput | LoRA extra {row['extra_ms_per_step']:6.1f} ms/step vs floor "
               f"{row['floor_extra_ms_per_step']:5.1f} ms/step ({distinct_per_step} adapters x "
-              f"{adapter_bytes / 1e6:.1f} MB / {bw:.0f} GB/s) = "
+              f"{adapter_bytes / 1e6:.1f} MB / {bw_floor:.0f} GB/s, the median of "
+              f"{len(bw_runs)} reads between the runs, {min(bw_runs):.0f}-{max(bw_runs):.0f} "
+              f"GB/s) = "
               f"{row['extra_over_floor']:.1f}x floor; best possible ratio "
               f"{row['floor_ratio']:.3f}x", flush=True)
         print(f"    whole runs back to back ({args.run_pairs} pairs): median ratio "
@@ -376,7 +413,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['decode_step_lora_ms']:6.1f} ms/step -> {row['decode_ratio']:.3f}x "
                   f"(median of paired steps {row['decode_paired_ratio']:.3f}x) | "
                   f"extra {row['decode_extra_ms_per_step']:5.1f} ms = "
-                  f"{row['decode_extra_over_floor']:.2f}x floor; best possible "
+                  f"{row['decode_extra_over_floor']:.2f}x its floor of "
+                  f"{row['decode_floor_ms_per_step']:.1f} ms (at {bw_decode:.0f} GB/s, the "
+                  f"median of a read before each step pair, {min(bw_steps):.0f}-"
+                  f"{max(bw_steps):.0f} GB/s; pair by pair, the median extra is "
+                  f"{over_floor_paired:.2f}x the floor at its read); best possible "
                   f"{row['decode_floor_ratio']:.3f}x", flush=True)
             print(f"    with the deltas' arithmetic ({args.requests} tokens x "
                   f"{lora_flops_per_token / 1e6:.1f} MFLOP at the {peak:.0f} GFLOP/s GEMM peak = "
