@@ -33,9 +33,12 @@ def make_peft_adapter(base_dir: Path, out: Path, seed: int, std: float = 0.1,
 
 
 class PeftOracle:
-    """transformers + PEFT with every adapter loaded; logits per row with its adapter active."""
+    """transformers + PEFT with every adapter loaded; logits per row with its adapter active.
+    dtype=torch.float64 evaluates the same fp32 weights (widened exactly) in fp64: the exact
+    logits, against which fp32 engines (PEFT's own fp32 run included) show their rounding."""
 
-    def __init__(self, base_dir: Path, adapters: dict[str, Path]) -> None:
+    def __init__(self, base_dir: Path, adapters: dict[str, Path],
+                 dtype: torch.dtype = torch.float32) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -47,7 +50,7 @@ class PeftOracle:
                                                adapter_name=names[0])
         for n in names[1:]:
             self.model.load_adapter(str(adapters[n]), adapter_name=n)
-        self.model.eval()
+        self.model.to(dtype).eval()
 
     def logits(self, adapter: str | None, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor([tokens])
@@ -115,6 +118,12 @@ def _stray(sd):
     sd["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight.unused"] = torch.zeros(1)
 
 
+def _lm_head_weights(sd):
+    """An lm_head LoRA pair beside the q/v ones (the config still names only q and v)."""
+    sd["base_model.model.lm_head.lora_A.weight"] = torch.zeros(8, 64)
+    sd["base_model.model.lm_head.lora_B.weight"] = torch.zeros(256, 8)
+
+
 def _huge_declared(d):
     """A header that declares a 40 GB tensor over a few bytes of data."""
     key = f"{KEY}.lora_A.weight"
@@ -133,6 +142,10 @@ BAD_ADAPTERS = {
     "bias_all": (lambda d: _edit_config(d, bias="all"), "bias='all'"),
     "embed_target": (lambda d: _edit_config(d, target_modules=["q_proj", "embed_tokens"]),
                      "embed_tokens"),
+    "lm_head_target": (lambda d: _edit_config(d, target_modules=["q_proj", "v_proj", "lm_head"]),
+                       "lm_head LoRA"),
+    "lm_head_weights": (lambda d: _edit_tensors(d, _lm_head_weights),
+                        "lm_head.lora_A.weight (embedding / lm_head LoRA is not supported)"),
     "fan_in_fan_out": (lambda d: _edit_config(d, fan_in_fan_out=True), "fan_in_fan_out"),
     "alora": (lambda d: _edit_config(d, alora_invocation_tokens=[40, 41]), "Activated LoRA"),
     "qalora": (lambda d: _edit_config(d, use_qalora=True), "QA-LoRA"),

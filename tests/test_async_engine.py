@@ -201,3 +201,52 @@ def test_adapter_loads_run_on_a_thread_without_an_openmp_team(tiny_model_factory
         assert [a.name for a in eng.list_loras()] == ["a"]
     finally:
         eng.shutdown()
+
+
+def test_adapter_reads_never_run_on_the_step_thread(tiny_model_factory, tmp_path):
+    """Adding an adapter, and re-reading one whose CPU copy the LRU tier dropped, read disk
+    on the loader thread: the step thread only registers the result. The reloaded adapter
+    serves the same tokens as before its copy was dropped."""
+    import threading
+
+    from lora_helpers import make_peft_adapter
+
+    base = tiny_model_factory("llama")
+    paths = {n: make_peft_adapter(base, tmp_path / n, seed=s, r=4, lora_alpha=8,
+                                  target_modules=["q_proj", "v_proj"])
+             for n, s in (("a", 5), ("b", 6))}
+    eng = AsyncEngine.from_config(EngineConfig(model=str(base), max_model_len=64,
+                                               enable_lora=True, max_loras=1, max_cpu_loras=1))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    readers: list[str] = []
+
+    async def go():
+        async def run(lora):
+            outs = [o async for o in eng.generate(None, params, prompt_token_ids=[5, 9, 14],
+                                                  lora=lora)]
+            return outs[-1].outputs[0].token_ids
+
+        await eng.add_lora("a", str(paths["a"]))
+        first = await run("a")
+        lm = eng.engine.lora
+        load = lm._load
+
+        def recorded(*args):
+            readers.append(threading.current_thread().name)
+            return load(*args)
+
+        lm._load = recorded
+        await eng.add_lora("b", str(paths["b"]))  # the tier holds 1 copy: a's is dropped
+        assert await eng.call(lambda e: e.lora.needs_reload("a")) is not None
+        misses = lm.stats["cpu_misses"]
+        again = await run("a")  # read back before admission
+        return first, again, lm.stats["cpu_misses"] - misses
+
+    try:
+        first, again, new_misses = asyncio.run(go())
+        assert again == first
+        assert new_misses == 1
+        assert len(readers) == 2  # b's add and a's re-read
+        assert all(name.startswith("loraplex-loader") for name in readers), readers
+    finally:
+        eng.shutdown()

@@ -58,8 +58,13 @@ def test_version_swap_under_load(setup):
     assert v1 != v2
     new = [eng.add_request(None, GREEDY, prompt_token_ids=p, lora="t") for p in new_prompts]
     got = _run(eng, old + new)
-    assert got[:4] == _reference(base, paths["a0"], old_prompts)  # in-flight: old version
-    assert got[4:] == _reference(base, paths["a1"], new_prompts)  # new requests: new version
+    want_old = _reference(base, paths["a0"], old_prompts)
+    want_new = _reference(base, paths["a1"], new_prompts)
+    # the two versions give different tokens on both prompt sets, so a mix-up would show
+    assert want_old != _reference(base, paths["a1"], old_prompts)
+    assert want_new != _reference(base, paths["a0"], new_prompts)
+    assert got[:4] == want_old  # in-flight: old version
+    assert got[4:] == want_new  # new requests: new version
     assert [a.version for a in llm.list_loras()] == [v2]
     assert ("t", v1) not in eng.lora._versions  # old version dropped once unused
     assert eng.lora.num_pinned == 0

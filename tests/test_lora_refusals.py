@@ -108,6 +108,37 @@ def test_pickle_needs_opt_in(env):
     assert opt_in.generate("hello", GREEDY, lora="pickled")[0].outputs[0].token_ids == ref
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious adapter_model.bin would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_opt_in_still_refuses_code(env, tmp_path):
+    """With pickles allowed, adapter_model.bin is read with weights_only=True: a pickle that
+    would run code is refused with a clear error and runs nothing; the engine keeps serving."""
+    base, _, good, _, ref = env
+    d = tmp_path / "evil"
+    shutil.copytree(good, d)
+    marker = tmp_path / "code-ran"
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    torch.save({**sd, "payload": _RunsCode(marker)}, str(d / "adapter_model.bin"))
+    (d / "adapter_model.safetensors").unlink()
+    opt_in = LLM(str(base), max_model_len=128, enable_lora=True, max_lora_rank=8,
+                 allow_pickle_adapters=True)
+    opt_in.add_lora("good", str(good))
+    with pytest.raises(LoRAError, match="cannot be read with weights_only=True"):
+        opt_in.add_lora("evil", str(d))
+    assert not marker.exists()
+    assert "evil" not in [a.name for a in opt_in.list_loras()]
+    assert opt_in.generate("hello", GREEDY, lora="good")[0].outputs[0].token_ids == ref
+
+
 def test_lora_disabled_and_unknown_names(env, tiny_model_factory):
     _, _, good, llm, _ = env
     assert llm.remove_lora("never-added") is False
