@@ -77,7 +77,8 @@ static uint64_t sum_words(const char* p, int64_t nbytes) {
 void lora_read_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::Tensor ranks,
                 at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets,
                 at::Tensor slots, bool pairs) {
-  // the pair layout (bool pairs) holds the same bytes at the same places
+  // the pair layout (bool pairs) holds the same bytes at the same places (its B blocks have
+  // an even number of rows)
   const int64_t nsh = shard_sizes.size(0), in = x.size(1), es = ap.element_size();
   const int64_t ng = slots.size(0), R = bp.size(2);
   const int64_t* sz = shard_sizes.data_ptr<int64_t>();
@@ -94,12 +95,19 @@ void lora_read_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::Te
     for (int64_t it = begin; it < end; ++it) {
       const int64_t g = it / nsh, j = it % nsh, slot = sl[g], r = rk[slot * nsh + j];
       if (r == 0) continue;
+      // shard j sits after the slot's shards before it, each at its real rank (ops.py)
+      int64_t ao = slot * nsh * ap.size(2), bo = slot * bp.size(1) * R * 32;
+      for (int64_t i = 0; i < j; ++i) {
+        const int64_t ri = rk[slot * nsh + i];
+        ao += (ri + 7) / 8 * 8 * in;
+        bo += (b0[i + 1] - b0[i]) * (pairs ? ri + ri % 2 : ri) * 32;
+      }
       const int64_t rp = (r + 7) / 8 * 8;
-      s += sum_words(a + ((slot * nsh + j) * ap.size(2)) * es, in * rp * es);
+      s += sum_words(a + ao * es, in * rp * es);
       nbytes += in * rp * es;
-      for (int64_t blk = b0[j]; blk < b0[j + 1]; ++blk)
-        s += sum_words(b + ((slot * bp.size(1) + blk) * R * 32) * es, r * 32 * es);
-      nbytes += (b0[j + 1] - b0[j]) * r * 32 * es;
+      const int64_t rb = pairs ? r + r % 2 : r, nb = b0[j + 1] - b0[j];
+      s += sum_words(b + bo * es, nb * rb * 32 * es);
+      nbytes += nb * rb * 32 * es;
     }
     sink[(begin * 8) % 4096] += s;
     bytes_read += nbytes;

@@ -75,6 +75,36 @@ def check_kernel(kern, pairs: bool = False) -> None:
             assert torch.equal(row[0], got[t]), (act, wt, pair_layout, t)
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["plain", "pairs"])
+def test_shards_sit_back_to_back_at_the_real_rank(pairs):
+    """In slots sized for rank 64, an r=8 (or odd r=7) adapter's shards fill the start of the
+    slot's A^T and B rooms, back to back, and the rest stays zero, so a step streams each
+    slot's A and B as two runs (benchmarks/bench_mixed_ranks.py); dense_bt reads B back as
+    written. Shards written out of order are refused (each is placed after those before it)."""
+    gen = torch.Generator().manual_seed(4)
+    fin, sizes = 64, [64, 96]
+    m = LoRASlots(fin, sizes, num_slots=2, max_rank=64, device=torch.device("cpu"),
+                  dtype=BF16 if pairs else FP32, packed=True, pairs=pairs)
+    assert m.pairs == pairs  # packed layouts exist on every CPU; no kernel needed
+    for r in (64, 8, 7):
+        m.clear(0)
+        bs = [torch.randn(out, r, generator=gen) for out in sizes]
+        for j, b in enumerate(bs):
+            m.write(0, j, torch.randn(r, fin, generator=gen), b, 0.5)
+        with pytest.raises(ValueError, match="in order"):  # shard 0 again, after shard 1
+            m.write(0, 0, torch.randn(r, fin, generator=gen), bs[0], 0.5)
+        rows = r + r % 2 if pairs else r
+        a_used = len(sizes) * -(-r // 8) * 8 * fin  # rank rounded up to 8, each shard
+        b_used = sum(m.blocks) * rows * 32
+        a_room, b_room = m.ap[0].reshape(-1).float(), m.bp[0].reshape(-1).float()
+        assert a_room[a_used - fin:a_used].any() and not a_room[a_used:].any()
+        assert b_room[b_used - 32:b_used].any() and not b_room[b_used:].any()
+        for j, (out, b) in enumerate(zip(sizes, bs)):
+            want = (b.t() * 0.5).to(m.bp.dtype).float()
+            got = m.dense_bt(0)[j * 64:j * 64 + r, sum(sizes[:j]):sum(sizes[:j]) + out]
+            assert torch.equal(got.float(), want)
+
+
 def test_decode_items_run_in_pairs_bit_for_bit():
     """Decode with several adapters: the fp32 kernel runs two groups' first chunks of 8 tokens
     side by side in the shrink (shrink_two, AVX-512). Groups of 8 tokens over mixed ranks

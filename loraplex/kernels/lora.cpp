@@ -1,12 +1,15 @@
 // Segmented multi-LoRA delta for CPU: y[t] += Bt_s^T (A_s x[t]) for every token t of every
 // adapter group, in one call per projection and step (no per-row or per-adapter launches).
 //
-// Layout (see loraplex/lora/ops.py): ap [S, nsh, RP*in]: shard j of slot s holds A^T, [in, rp]
+// Layout (see loraplex/lora/ops.py): ap [S, nsh, RP*in] holds each shard j's A^T, [in, rp]
 // row-major, rp = r_j rounded up to 8 with zero columns (RP = max rank rounded up to 8);
-// bp [S, NB, R, 32]: scaled B^T in blocks of 32 output columns, r_j rows used per block (shard
-// j's blocks start at the block of its first column, every shard size being a multiple of 32 or
-// padded); ranks [S, nsh] (r_j of the adapter in each slot; 0 = shard not adapted). Only the real
-// rank is computed, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
+// bp [S, NB, R, 32] each shard's scaled B^T in blocks of 32 output columns, [blocks_j, r_j, 32]
+// (every shard size being a multiple of 32 or padded). The shapes are capacities: within a
+// slot the shards sit back to back at their real ranks (shard_at), so a step reads each used
+// slot's A and B as two contiguous runs whatever R is (with R-sized places, r=8 adapters in
+// slots of max rank 64 cost 1.5x the same adapters in slots of 8: bench_mixed_ranks.py).
+// ranks [S, nsh] (r_j of the adapter in each slot; 0 = shard not adapted). Only the real rank
+// is computed and read, so mixed ranks do not pay the largest rank. Tokens are grouped by slot
 // (tokens[offsets[g]:offsets[g+1]] use slots[g]); work items are (group, chunk of <= 8 tokens),
 // so each item writes disjoint rows of y and reads its adapter's A and B once from memory (with
 // fewer items than threads, items are split by shard, which write disjoint columns). At decode
@@ -40,6 +43,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -299,24 +303,23 @@ inline void expand_tokens(T* const* ys, const W* b, int64_t r, const float* z, i
 }
 
 // y[tok[t], o0 + 32c : +32] += sum_i z[t][i] * Bp[c][i][:] over the shard's column blocks c.
-// Bp is the shard's scaled B^T packed as [blocks, R, 32]: each block is one contiguous run, so
+// Bp is the shard's scaled B^T packed as [blocks, r, 32]: the blocks are one contiguous run, so
 // the loads stream (a [r, out] row-major B^T would stride by `out` floats per rank row).
 // `stream`: this call is the first reader of the shard's B (the first chunk of its group);
 // later chunks find B in cache and do not prefetch.
 template <typename W, typename T>
-inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t R,
-                   int64_t r, const float* z, int64_t ldz, const int64_t* tok, int64_t n,
-                   bool stream) {
+inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64_t r,
+                   const float* z, int64_t ldz, const int64_t* tok, int64_t n, bool stream) {
   const int64_t nblk = (on + 31) / 32;
   T* ys[kChunk];
   for (int64_t c = 0; c < nblk; ++c) {
-    const W* b = Bp + c * R * 32;
+    const W* b = Bp + c * r * 32;
     const int64_t w = std::min<int64_t>(32, on - c * 32);
     if (w == 32) {
       for (int64_t t = 0; t < n; ++t) ys[t] = y + tok[t] * ldy + o0 + c * 32;
-      // The blocks after the shard's last are the next shard's first (or harmlessly
-      // another slot's: prefetches never fault).
-      expand_tokens(ys, b, r, z, ldz, n, stream ? b + kSpreadAhead * R * 32 : nullptr);
+      // Past the shard's last block: the next shard's first when r == R, else the unused
+      // end of this shard's region (or another slot's: prefetches never fault).
+      expand_tokens(ys, b, r, z, ldz, n, stream ? b + kSpreadAhead * r * 32 : nullptr);
       continue;
     }
     // Partial block: accumulate in float32, round once.
@@ -340,8 +343,9 @@ inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64
 // an FMA does, and the weights need no widening. The pairs run along the summed axis:
 //   ap: shard j's A^T as [in/2, rp, 2]: lane c of pair row p holds (A[c][2p], A[c][2p+1]), and
 //       x[t] read as 32-bit words gives the matching (x[2p], x[2p+1]) to broadcast;
-//   bp: each 32-column block as [R/2, 32, 2]: lane col of pair row q holds
-//       (Bt[2q][col], Bt[2q+1][col]) (R even, rows past the rank zero).
+//   bp: each 32-column block as [re/2, 32, 2], re = r_j rounded up to even (packed back to
+//       back as in the plain layout): lane col of pair row q holds
+//       (Bt[2q][col], Bt[2q+1][col]) (a row past an odd rank is zero).
 // Same bytes as the plain layout. z = x A^T is summed in float32 and rounded to bf16 once
 // before the expand (as PEFT's bf16 lora_A output is); each lane's sum is a fixed chain of
 // vdpbf16ps over its pairs, so a row's result still does not depend on the rest of the batch.
@@ -441,7 +445,7 @@ inline void store_bf16(bf16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// ys[t][0:32] += sum over pair rows q < qn of the block b ([R/2, 32] pairs) times the
+// ys[t][0:32] += sum over pair rows q < qn of the block b ([qn, 32] pairs) times the
 // broadcast zb[q * kChunk + t].
 template <int NT>
 inline void expand_tile(bf16* const* ys, const u32* b, int64_t qn, const u32* zb) {
@@ -465,10 +469,11 @@ inline void expand_tile(bf16* const* ys, const u32* b, int64_t qn, const u32* zb
     for (int v = 0; v < 2; ++v) store_bf16(ys[t] + v * 16, acc[t][v]);
 }
 
-// y[tok[t], o0 + 32c : +32] += the shard's blocks c; as ::expand, for the pair layout.
-inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, int64_t R,
-                   int64_t r, const u32* zb, const int64_t* tok, int64_t n) {
-  const int64_t nblk = (on + 31) / 32, qn = (r + 1) / 2, blk = R / 2 * 32;
+// y[tok[t], o0 + 32c : +32] += the shard's blocks c; as ::expand, for the pair layout (blocks
+// of qn = ceil(r / 2) pair rows, back to back).
+inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, int64_t r,
+                   const u32* zb, const int64_t* tok, int64_t n) {
+  const int64_t nblk = (on + 31) / 32, qn = (r + 1) / 2, blk = qn * 32;
   bf16* ys[kChunk];
   for (int64_t c = 0; c < nblk; ++c) {
     const u32* b = Bp + c * blk;
@@ -540,6 +545,17 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
     blk_off[j + 1] = blk_off[j] + (ss[j] + 31) / 32;
   }
   TORCH_CHECK(blk_off[nsh] == NB, "lora_delta_: packed B has the wrong number of blocks");
+  // Where shard j of slot s starts: after the slot's shards before it, each at its real rank
+  // (rows of a B block: r, or r rounded up to even in the pair layout), as ops.py packs them.
+  auto shard_at = [&](int64_t s, int64_t j) {
+    int64_t ao = s * nsh * RP * in, bo = s * NB * R * 32;
+    for (int64_t i = 0; i < j; ++i) {
+      const int64_t r = rk[s * nsh + i];
+      ao += (r + 7) / 8 * 8 * in;
+      bo += (blk_off[i + 1] - blk_off[i]) * (P ? r + r % 2 : r) * 32;
+    }
+    return std::pair<const W*, const W*>(app + ao, bpp + bo);
+  };
   // Work items: (group, first token index in `tokens`, first shard, end shard). A step with
   // fewer items than threads (one stream, or a few rows of one adapter) splits its items by
   // shard: shards read their own A and B and write their own columns of y, so they need no
@@ -567,7 +583,32 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
     return item.t0 == of[item.g] && of[item.g + 1] - item.t0 >= kChunk;
   };
   const int64_t rows[kChunk] = {0, 1, 2, 3, 4, 5, 6, 7};
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  // Threads take contiguous runs of items (each adds into its own rows of y) of about equal
+  // cost, not equal count: with mixed ranks an r=64 item costs as much as eight r=8 ones, and
+  // halving the items by count left one thread with most of the work (bench_mixed_ranks.py).
+  // An item's cost: its shards' padded ranks x (its tokens, plus kChunk when it is the first
+  // to read its adapter's weights, which then dominate). Equal costs split as by count.
+  std::vector<int64_t> cost(n_items + 1, 0);  // prefix sums
+  for (int64_t i = 0; i < n_items; ++i) {
+    const Item& item = items[i];
+    const int64_t s = sl[item.g];
+    const int64_t n = std::min(kChunk, of[item.g + 1] - item.t0);
+    const int64_t weight = n + (item.t0 == of[item.g] ? kChunk : 0);
+    int64_t c = 0;
+    for (int64_t j = item.j0; j < item.j1; ++j) c += (rk[s * nsh + j] + 7) / 8 * 8 * weight;
+    cost[i + 1] = cost[i] + c;
+  }
+  const int64_t n_runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  std::vector<int64_t> bound(n_runs + 1, n_items);
+  bound[0] = 0;
+  for (int64_t t = 1; t < n_runs; ++t) {  // the item boundary nearest to t/n_runs of the cost
+    const int64_t target = cost[n_items] * t / n_runs;
+    int64_t b = std::lower_bound(cost.begin(), cost.end(), target) - cost.begin();
+    if (b > 0 && target - cost[b - 1] < cost[b] - target) --b;
+    bound[t] = std::max(bound[t - 1], std::min(b, n_items));
+  }
+  at::parallel_for(0, n_runs, 1, [&](int64_t run0, int64_t run1) {
+    const int64_t begin = bound[run0], end = bound[run1];
     std::vector<float> z(kChunk * ldz), xf(kWidenX ? kChunk * in : 0);
     std::vector<float> z2(kPairItems ? kChunk * ldz : 0);  // the second item of a pair
     std::vector<uint32_t> zb(P ? kChunk * ldz / 2 : 0);
@@ -587,8 +628,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
           for (int64_t j = i1.j0; j < i1.j1; ++j) {
             const int64_t r1 = rk[s1 * nsh + j], r2 = rk[s2 * nsh + j];
             const int64_t rp1 = (r1 + 7) / 8 * 8, rp2 = (r2 + 7) / 8 * 8;
-            const W* A1 = app + (s1 * nsh + j) * RP * in;
-            const W* A2 = app + (s2 * nsh + j) * RP * in;
+            const auto [A1, B1] = shard_at(s1, j);
+            const auto [A2, B2] = shard_at(s2, j);
             if (r1 > 0 && r2 > 0 && rp1 <= Vec::W && rp2 <= Vec::W) {
               shrink_two(z.data(), z2.data(), ldz, A1, rp1, A2, rp2, in, xs1, xs2);
             } else {  // a shard one of them does not adapt, or a rank above 16
@@ -596,11 +637,11 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
               if (r2 > 0) shrink(z2.data(), ldz, A2, rp2, in, xp, tk + i2.t0, kChunk, true);
             }
             if (r1 > 0)
-              expand(yp, out, shard_off[j], ss[j], bpp + (s1 * NB + blk_off[j]) * R * 32, R,
-                     r1, z.data(), ldz, tk + i1.t0, kChunk, true);
+              expand(yp, out, shard_off[j], ss[j], B1, r1, z.data(), ldz, tk + i1.t0, kChunk,
+                     true);
             if (r2 > 0)
-              expand(yp, out, shard_off[j], ss[j], bpp + (s2 * NB + blk_off[j]) * R * 32, R,
-                     r2, z2.data(), ldz, tk + i2.t0, kChunk, true);
+              expand(yp, out, shard_off[j], ss[j], B2, r2, z2.data(), ldz, tk + i2.t0, kChunk,
+                     true);
           }
           ++it;
           continue;
@@ -618,13 +659,12 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
         for (int64_t j = items[it].j0; j < items[it].j1; ++j) {
           const int64_t r = rk[s * nsh + j], rp = (r + 7) / 8 * 8;
           if (r == 0) continue;
-          const W* a = app + (s * nsh + j) * RP * in;       // [in/2, rp, 2]
-          const W* b = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R/2, 32, 2]
+          const auto [a, b] = shard_at(s, j);  // [in/2, rp, 2] and [blocks_j, qn, 32, 2]
           const auto* At = reinterpret_cast<const uint32_t*>(a);
           const auto* Bp = reinterpret_cast<const uint32_t*>(b);
           pairs::shrink(z.data(), ldz, At, rp, in / 2, xs, n);
           pairs::round_pairs(zb.data(), z.data(), ldz, rp, n);
-          pairs::expand(yp, out, shard_off[j], ss[j], Bp, R, r, zb.data(), tk + t0, n);
+          pairs::expand(yp, out, shard_off[j], ss[j], Bp, r, zb.data(), tk + t0, n);
         }
         continue;
       }
@@ -647,13 +687,12 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
       for (int64_t j = items[it].j0; j < items[it].j1; ++j) {
         const int64_t r = rk[s * nsh + j];
         if (r == 0) continue;
-        const W* At = app + (s * nsh + j) * RP * in;           // [in, rp]
-        const W* Bp = bpp + (s * NB + blk_off[j]) * R * 32;  // [blocks_j, R, 32]
+        const auto [At, Bp] = shard_at(s, j);  // [in, rp] and [blocks_j, r, 32]
         if constexpr (kWidenX)
           shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xf.data(), rows, n, stream);
         else
           shrink(z.data(), ldz, At, (r + 7) / 8 * 8, in, xp, tk + t0, n, stream);
-        expand(yp, out, shard_off[j], ss[j], Bp, R, r, z.data(), ldz, tk + t0, n, stream);
+        expand(yp, out, shard_off[j], ss[j], Bp, r, z.data(), ldz, tk + t0, n, stream);
       }
     }
   });

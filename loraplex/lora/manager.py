@@ -257,6 +257,7 @@ class LoRAManager:
 
     def _load_slot(self, slot: int, ad: LoRAAdapter) -> None:
         self._clear_slot(slot)
-        for (layer, proj), m in ad.modules.items():
+        # each fused projection's shards in order: LoRASlots packs them back to back
+        for (layer, proj), m in sorted(ad.modules.items(), key=lambda kv: PROJECTIONS[kv[0][1]][1]):
             fused, shard = PROJECTIONS[proj]
             self.slots[(layer, fused)].write(slot, shard, m.a, m.b, m.scale)

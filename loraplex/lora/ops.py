@@ -10,11 +10,16 @@ Every LoRA-capable projection (a `Linear`, possibly fused: q/k/v or gate/up) own
                                          rounded up to 8: the kernel streams one rank vector per
                                          input feature;
   bp:    [num_slots, NB, R, 32]          (C++ path) B^T packed in blocks of 32 output columns,
-                                         so the kernel streams it contiguously;
+                                         [nb_j, r_j, 32] per shard;
+  In both, a slot's shards sit back to back at their real ranks from the start of the slot's
+  room (shard j after the adapted shards before it; the shapes above are capacities), so a
+  step streams each used slot's A and B as two contiguous runs whatever R is: with R-sized
+  places, r=8 adapters in slots of max rank 64 cost 1.5x the same adapters in slots of 8
+  (benchmarks/bench_mixed_ranks.py). Hence a slot's shards are written in order after clear().
   ranks: [num_slots, n_shards]           the adapter's real rank per shard (0 = not adapted).
 With `pairs` (bf16 activations and adapters on CPUs with AVX512-BF16, see lora.cpp) ap and bp
-hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as [R/2, 32, 2], pairs
-along the summed axis, R rounded up to even with zero rows.
+hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as [re/2, 32, 2], pairs
+along the summed axis, re = r_j rounded up to even (a zero row past an odd rank).
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
 the first r rows and the C++ kernel computes only those.
@@ -86,9 +91,14 @@ class LoRASlots(nn.Module):
               ) -> None:
         r, big_r = a.shape[0], self.rank
         rows = slice(shard * big_r, shard * big_r + r)
+        a_off = b_off = 0
         if self.ap is not None:
+            if bool(self.ranks[slot, shard + 1:].any()):
+                raise ValueError("LoRASlots.write: a slot's shards are packed in order, so "
+                                 "they must be written in order after clear()")
+            a_off, b_off = self._shard_offsets(slot, shard)
             rp, fin = _round8(r), self.in_features
-            flat = self.ap[slot, shard, :rp * fin]
+            flat = self.ap[slot].view(-1)[a_off:a_off + rp * fin]
             flat.zero_()
             if self.pairs:  # [in/2, rp, 2]: (A[c][2p], A[c][2p+1]) in lane c of pair row p
                 flat.view(fin // 2, rp, 2)[:, :r].copy_(a.t().reshape(fin // 2, 2, r)
@@ -99,20 +109,35 @@ class LoRASlots(nn.Module):
             self.a[slot, rows].copy_(a)
         bt = b.t() * scale  # [r, out_j]
         if self.bp is not None:
-            nb, b0 = self.blocks[shard], sum(self.blocks[:shard])
-            rows_b = self.bp.shape[2] if self.pairs else r  # pairs: every row, zeros past r
+            nb, rows_b = self.blocks[shard], self._b_rows(r)
             padded = bt.new_zeros(rows_b, nb * 32)
             padded[:r, :bt.shape[1]] = bt
-            dst = self.bp[slot, b0:b0 + nb, :rows_b]
-            if self.pairs:  # each block [R/2, 32, 2]: (Bt[2q][c], Bt[2q+1][c]) in lane c
+            dst = self.bp[slot].view(-1)[b_off:b_off + nb * rows_b * 32]
+            if self.pairs:  # each block [re/2, 32, 2]: (Bt[2q][c], Bt[2q+1][c]) in lane c
                 dst.view(nb, rows_b // 2, 32, 2).copy_(
                     padded.view(rows_b // 2, 2, nb, 32).permute(2, 0, 3, 1))
             else:
-                dst.copy_(padded.view(r, nb, 32).transpose(0, 1))
+                dst.view(nb, rows_b, 32).copy_(padded.view(rows_b, nb, 32).transpose(0, 1))
         else:
             off = sum(self.output_sizes[:shard])
             self.bt[slot, rows, off:off + bt.shape[1]].copy_(bt)
         self.ranks[slot, shard] = r
+
+    def _shard_offsets(self, slot: int, shard: int) -> tuple[int, int]:
+        """Where `shard` starts in the slot's flat A^T and B rooms (elements): after the
+        adapted shards before it, each at its real rank (as the kernel computes it)."""
+        a_off = b_off = 0
+        for j in range(shard):
+            r = int(self.ranks[slot, j])
+            if r:
+                a_off += _round8(r) * self.in_features
+                b_off += self.blocks[j] * self._b_rows(r) * 32
+        return a_off, b_off
+
+    def _b_rows(self, r: int) -> int:
+        """Rows of one packed B block at rank r: r, or r rounded up to even in the pair
+        layout."""
+        return r + r % 2 if self.pairs else r
 
     def dense_a(self, slot: int) -> torch.Tensor:
         """[n_shards * R, in] A of a slot, whichever layout holds it (reference and tests)."""
@@ -122,8 +147,10 @@ class LoRASlots(nn.Module):
         out = self.ap.new_zeros(len(self.output_sizes) * big_r, fin)
         for j in range(len(self.output_sizes)):
             r = int(self.ranks[slot, j])
-            rp = _round8(r)
-            flat = self.ap[slot, j, :rp * fin]
+            if r == 0:
+                continue
+            rp, a_off = _round8(r), self._shard_offsets(slot, j)[0]
+            flat = self.ap[slot].view(-1)[a_off:a_off + rp * fin]
             at = (flat.view(fin // 2, rp, 2).transpose(1, 2).reshape(fin, rp) if self.pairs
                   else flat.view(fin, rp))
             out[j * big_r:j * big_r + r] = at[:, :r].t()
@@ -133,16 +160,21 @@ class LoRASlots(nn.Module):
         """[n_shards * R, out] B^T of a slot, whichever layout holds it (reference and tests)."""
         if self.bt is not None:
             return self.bt[slot]
-        big_r, rows_b = self.rank, self.bp.shape[2]
+        big_r = self.rank
         out = self.bp.new_zeros(len(self.output_sizes) * big_r, self.out_features)
         for j, (nb, size) in enumerate(zip(self.blocks, self.output_sizes)):
-            b0, off = sum(self.blocks[:j]), sum(self.output_sizes[:j])
+            r = int(self.ranks[slot, j])
+            if r == 0:
+                continue
+            off, rows_b = sum(self.output_sizes[:j]), self._b_rows(r)
+            b_off = self._shard_offsets(slot, j)[1]
+            region = self.bp[slot].view(-1)[b_off:b_off + nb * rows_b * 32]
             if self.pairs:
-                blk = (self.bp[slot, b0:b0 + nb].view(nb, rows_b // 2, 32, 2)
+                blk = (region.view(nb, rows_b // 2, 32, 2)
                        .permute(1, 3, 0, 2).reshape(rows_b, nb * 32))
             else:
-                blk = self.bp[slot, b0:b0 + nb].transpose(0, 1).reshape(rows_b, nb * 32)
-            out[j * big_r:(j + 1) * big_r, off:off + size] = blk[:big_r, :size]
+                blk = region.view(nb, rows_b, 32).transpose(0, 1).reshape(rows_b, nb * 32)
+            out[j * big_r:j * big_r + r, off:off + size] = blk[:r, :size]
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
