@@ -162,21 +162,25 @@ BF16, FP32 = torch.bfloat16, torch.float32
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "torch"])
 def test_batched_op_equals_reference(use_kernel, act, wt):
     """Both paths, every mix of activation and adapter dtype, against the fp32 reference on the
-    same (already rounded) weights: y += delta, base rows untouched."""
+    same (already rounded) weights: y += delta, base rows untouched. Ranks 2, 8 and 13 under
+    max rank 24: the torch path runs rank buckets 8 (two adapters) and 16 (sliced below R)."""
     from loraplex.kernels import kernels
 
     torch.manual_seed(0)
     sizes = [64, 40, 32]  # 40: a shard that is not a whole number of 32-column blocks
-    m = LoRASlots(32, sizes, num_slots=4, max_rank=8, device=torch.device("cpu"),
+    m = LoRASlots(32, sizes, num_slots=4, max_rank=24, device=torch.device("cpu"),
                   dtype=wt, packed=use_kernel)
-    for slot, r in [(0, 2), (1, 8), (2, 5)]:
+    ranks = {0: 2, 1: 8, 2: 13}
+    for slot, r in ranks.items():
         for shard, out in enumerate(sizes):
             m.write(slot, shard, torch.randn(r, 32), torch.randn(out, r), 0.5 + slot)
     slots = [1, -1, 0, 0, 2, 1, -1, 2, 2, 0]
     x = torch.randn(len(slots), 32).to(act)
     y0 = (10 * torch.randn(len(slots), sum(sizes))).to(act)  # the base projection's output
     batch = LoRABatch.build(slots, torch.device("cpu"),
-                            kernels().lora_delta_ if use_kernel else None)
+                            kernels().lora_delta_ if use_kernel else None, ranks)
+    if not use_kernel:
+        assert [b.rank for b in batch.buckets] == [8, 16]
     got = batch.apply(m, x, y0.clone())
     assert got.dtype == act
     delta = reference_delta(m, x, torch.tensor(slots))

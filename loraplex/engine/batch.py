@@ -30,6 +30,9 @@ class ScheduledRow:
     output_token_ids: list[int]
     # Device adapter slot for this row; -1 = base model only (filled by the LoRA scheduler).
     adapter_slot: int = -1
+    # The largest rank of that adapter's modules (0 for the base): the torch LoRA path
+    # buckets rows by it.
+    adapter_rank: int = 0
 
     @property
     def num_tokens(self) -> int:

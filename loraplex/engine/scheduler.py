@@ -167,8 +167,7 @@ class Scheduler:
         vtc = self.vtc
         return sorted(self.waiting, key=lambda s: (s.num_preemptions == 0, vtc.get(s.tenant, 0.0)))
 
-    @staticmethod
-    def _row(seq: Sequence, num_new: int) -> ScheduledRow:
+    def _row(self, seq: Sequence, num_new: int) -> ScheduledRow:
         start = seq.num_computed_tokens
         return ScheduledRow(
             seq_id=seq.seq_id,
@@ -181,6 +180,8 @@ class Scheduler:
             prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
             adapter_slot=seq.adapter_slot,
+            adapter_rank=(self.lora.rank_of(seq.adapter)
+                          if seq.adapter_slot >= 0 and self.lora is not None else 0),
         )
 
     def update(self, batch: ScheduledBatch, sampled: list[SampledToken]) -> list[Sequence]:

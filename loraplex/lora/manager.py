@@ -234,6 +234,10 @@ class LoRAManager:
         self._running[key] += 1
         return slot
 
+    def rank_of(self, key: AdapterKey) -> int:
+        """The largest rank among the modules of a registered version."""
+        return self._versions[key].max_rank
+
     def deactivate(self, key: AdapterKey) -> None:
         self._running[key] -= 1
         if self._running[key] <= 0:

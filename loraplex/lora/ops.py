@@ -22,13 +22,15 @@ hold the C++ path's pair layout: A^T as [in/2, rp, 2] and each B block as [re/2,
 along the summed axis, re = r_j rounded up to even (a zero row past an odd rank).
 So one shrink and one expand give all the deltas of a fused projection: y += (x Aᵀ) Bt.
 Slot `num_slots - 1` is never assigned (kept zero). R = max_lora_rank; smaller ranks sit in
-the first r rows and the C++ kernel computes only those.
+the first r rows: the C++ kernel computes only those, the torch path the first rows of its
+rank bucket.
 
 Two paths, chosen once per step by the runner (`LoRABatch.build`): the C++ segmented kernel
 (CPU, fp32 or bf16 activations and adapters in any mix, fp32 arithmetic: one call per
 projection, tokens grouped by adapter, only real ranks computed) and a pure-torch gather + bmm
-path (any device/dtype; mixed ranks zero-padded to R). The adapters' dtype (`lora_dtype`) may
-differ from the activations'.
+path (any device/dtype; one gather + bmm pair per rank bucket, each bucket's ranks zero-padded
+to its top, a multiple of 8). The adapters' dtype (`lora_dtype`) may differ from the
+activations'.
 """
 
 from __future__ import annotations
@@ -185,13 +187,27 @@ class LoRASlots(nn.Module):
 
 
 @dataclass(slots=True)
+class TorchBucket:
+    """Groups of one rank bucket on the torch path: `rank` rows of each shard are used (None:
+    all R), gather [k, L] (padded with T, a zero row), dest/src: where the valid entries of
+    the flattened [k * L] result go in the [T] token axis."""
+
+    rank: int | None
+    slots: torch.Tensor
+    gather: torch.Tensor
+    dest: torch.Tensor
+    src: torch.Tensor
+
+
+@dataclass(slots=True)
 class LoRABatch:
     """Per-step LoRA metadata (built once by the runner): tokens grouped by adapter slot.
 
     tokens/offsets/slots: group g's tokens are tokens[offsets[g]:offsets[g+1]], its slot
-    slots[g] (kernel path). gather [k, L] (padded with T, a zero row), dest/src: where the valid
-    entries of the flattened [k * L] result go in the [T] token axis (torch path). Base-model
-    tokens belong to no group.
+    slots[g] (kernel path). buckets: the torch path's groups, bucketed by their adapter's rank
+    when the runner gives it (one gather + two bmm per bucket, each at its bucket's rank, so
+    an r=8 adapter beside an r=64 one does not pay rank 64). Base-model tokens belong to no
+    group.
     """
 
     tokens: torch.Tensor
@@ -199,13 +215,13 @@ class LoRABatch:
     slots: torch.Tensor
     token_slots: torch.Tensor  # [T], -1 = base (reference path and tests)
     kernel: object | None = None
-    gather: torch.Tensor | None = None
-    dest: torch.Tensor | None = None
-    src: torch.Tensor | None = None
+    buckets: list[TorchBucket] | None = None
 
     @staticmethod
-    def build(token_slots: list[int], device: torch.device, kernel: object | None = None
-              ) -> LoRABatch | None:
+    def build(token_slots: list[int], device: torch.device, kernel: object | None = None,
+              slot_ranks: dict[int, int] | None = None) -> LoRABatch | None:
+        """slot_ranks: the largest rank of the adapter in each used slot (torch path: rank
+        buckets; without it every row pays max_lora_rank)."""
         groups: dict[int, list[int]] = {}
         for t, s in enumerate(token_slots):
             if s >= 0:
@@ -222,13 +238,20 @@ class LoRABatch:
             offsets.append(offsets[-1] + len(g))
         batch = LoRABatch(t(flat), t(offsets), t(list(groups)), t(token_slots), kernel)
         if kernel is None:
-            n_tok = len(token_slots)
-            width = max(len(g) for g in groups.values())
-            gather, src = [], []
-            for i, toks in enumerate(groups.values()):
-                gather.append(toks + [n_tok] * (width - len(toks)))
-                src.extend(range(i * width, i * width + len(toks)))
-            batch.gather, batch.dest, batch.src = t(gather), batch.tokens, t(src)
+            by_rank: dict[int | None, list[int]] = {}  # rank rounded up to 8 -> slots
+            for s in groups:
+                r = slot_ranks.get(s) if slot_ranks is not None else None
+                by_rank.setdefault(None if r is None else _round8(r), []).append(s)
+            n_tok, batch.buckets = len(token_slots), []
+            for rank, slots in sorted(by_rank.items(), key=lambda kv: kv[0] or 0):
+                width = max(len(groups[s]) for s in slots)
+                gather, src, dest = [], [], []
+                for i, s in enumerate(slots):
+                    toks = groups[s]
+                    gather.append(toks + [n_tok] * (width - len(toks)))
+                    src.extend(range(i * width, i * width + len(toks)))
+                    dest.extend(toks)
+                batch.buckets.append(TorchBucket(rank, t(slots), t(gather), t(dest), t(src)))
         return batch
 
     def apply(self, m: LoRASlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -236,6 +259,20 @@ class LoRABatch:
             self.kernel(y, x.contiguous(), m.ap, m.bp, m.ranks, m.shard_sizes, self.tokens,
                         self.offsets, self.slots, m.pairs)
             return y
+        dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
+        xz = torch.cat((x, x.new_zeros(1, x.shape[1]))).to(dt)  # row T = zero padding
+        n_slots, big_r, nsh = m.a.shape[0], m.rank, len(m.output_sizes)
+        for b in self.buckets:
+            if b.rank is None or b.rank >= big_r:
+                a, bt = m.a[b.slots], m.bt[b.slots]  # [k, nsh * R, in], [k, nsh * R, out]
+            else:  # only each shard's first `rank` rows are gathered (and read)
+                k, r = b.slots.shape[0], b.rank
+                a = m.a.view(n_slots, nsh, big_r, -1)[b.slots, :, :r].reshape(k, nsh * r, -1)
+                bt = m.bt.view(n_slots, nsh, big_r, -1)[b.slots, :, :r].reshape(k, nsh * r, -1)
+            xa = torch.bmm(xz[b.gather], a.transpose(1, 2).to(dt))  # [k, L, nsh * rank]
+            d = torch.bmm(xa, bt.to(dt))  # [k, L, out]
+            y.index_add_(0, b.dest, d.reshape(-1, d.shape[-1])[b.src].to(y.dtype))
+        return y
         dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
         xz = torch.cat((x, x.new_zeros(1, x.shape[1]))).to(dt)  # row T = zero padding
         xs = xz[self.gather]  # [k, L, in]
