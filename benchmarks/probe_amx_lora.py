@@ -8,13 +8,12 @@ the pair-interleaved operand layout AMX's `tdpbf16ps` reads, so this probe runs 
 step's 120 projections (SmolLM2's shapes, 64 tokens over k adapters, r=16) through a minimal
 AMX shrink + expand built on those slots, checks it against the kernel (bf16 rounding of y
 only), and times both, alternated, weights in memory. A probe, not the engine's path: groups
-must be contiguous token runs, every rank 16, and no software prefetch.
+must be contiguous token runs and every rank 16.
 
     python benchmarks/probe_amx_lora.py [--ks 1,8] [--reps 20]
 
-Session 16 (Intel VM): k=1 4.29 -> 2.20 ms (AMX 1.95x faster), k=8 5.22 -> 7.43 ms (slower:
-there the 78 MB of adapters stream from memory, and this probe neither prefetches nor fills
-its 16-row tiles with the 8 tokens a group has).
+Sides: the kernel, the AMX probe, and the AMX probe with software prefetch (A^T 4 KB and B two
+blocks ahead, as the kernel does). Session 16 (Intel VM), see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ SRC = r"""
 
 // Probe only: the bf16 pair layout's shrink and expand on AMX tiles (tdpbf16ps reads the pair
 // layout's A^T and B blocks as they are). Every slot has rank R=16 on every shard; group g =
-// slot g holds tokens [g*n, (g+1)*n) of x, contiguous. No software prefetch.
+// slot g holds tokens [g*n, (g+1)*n) of x, contiguous.
 struct alignas(64) TileCfg {
   uint8_t palette = 1, start_row = 0, res[14] = {};
   uint16_t colsb[16] = {};
@@ -65,7 +64,7 @@ static void config(int64_t M) {
 }
 
 void lora_amx(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, int64_t k,
-              std::vector<int64_t> sizes) {
+              std::vector<int64_t> sizes, bool pf) {
   using bf = at::BFloat16;
   const int64_t T = x.size(0), in = x.size(1), out = y.size(1), nsh = sizes.size();
   const int64_t R = 16, RP = ap.size(2) / in, NB = bp.size(1), RB = bp.size(2);
@@ -95,6 +94,10 @@ void lora_amx(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, int64_t 
         const bf* At = app + (g * nsh + j) * RP * in;  // [in/2, 16, 2]
         _tile_zero(0);
         for (int64_t kc = 0; kc < in / 32; ++kc) {
+          if (pf) {  // A^T's chunk kc + 4 (1 KB, 16 lines), 4 KB ahead
+            const char* ahead = reinterpret_cast<const char*>(At + (kc + 4) * 16 * R * 2);
+            for (int l = 0; l < 16; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T1);
+          }
           _tile_loadd(1, xp + t0 * in + kc * 32, in * 2);
           _tile_loadd(2, At + kc * 16 * R * 2, R * 4);
           _tile_dpbf16ps(0, 1, 2);
@@ -107,6 +110,10 @@ void lora_amx(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, int64_t 
         const bf* Bj = bpp + (g * NB + blk_off[j]) * RB * 32;  // [blocks, 8, 32, 2]
         const int64_t nblk = (sizes[j] + 31) / 32;
         for (int64_t c = 0; c < nblk; ++c) {
+          if (pf) {  // B's block c + 2 (1 KB)
+            const char* ahead = reinterpret_cast<const char*>(Bj + (c + 2) * RB * 32);
+            for (int l = 0; l < 16; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T1);
+          }
           for (int64_t h = 0; h < 2; ++h) {
             _tile_loadd(5, Bj + c * RB * 32 + h * 32, 128);
             _tile_zero(3);
@@ -135,10 +142,10 @@ def run_kernel(mods, batch, xs, ys) -> None:
         batch.apply(m, xs[m.in_features], ys[m.out_features])
 
 
-def run_amx(ext, mods, k: int, xs, ys) -> None:
-    """The same calls through the AMX probe."""
+def run_amx(ext, mods, k: int, xs, ys, pf: bool) -> None:
+    """The same calls through the AMX probe (pf: with software prefetch ahead of the tiles)."""
     for m in mods:
-        ext.lora_amx(ys[m.out_features], xs[m.in_features], m.ap, m.bp, k, m.output_sizes)
+        ext.lora_amx(ys[m.out_features], xs[m.in_features], m.ap, m.bp, k, m.output_sizes, pf)
 
 
 def has_amx() -> bool:
@@ -179,28 +186,28 @@ def main(argv: list[str] | None = None) -> dict:
             y0 = torch.randn(tokens, m.out_features).to(dt)
             want = batch.apply(m, xs[m.in_features], y0.clone()).float()
             got = y0.clone()
-            ext.lora_amx(got, xs[m.in_features], m.ap, m.bp, k, m.output_sizes)
+            ext.lora_amx(got, xs[m.in_features], m.ap, m.bp, k, m.output_sizes, True)
             worst = max(worst, float((got.float() - want).abs().max()))
         ys = {sum(o): torch.zeros(tokens, sum(o), dtype=dt) for _, o in SHAPES}
 
         kernel_step = partial(run_kernel, mods, batch, xs, ys)
-        amx_step = partial(run_amx, ext, mods, k, xs, ys)
-        times: dict[str, list[float]] = {"kernel": [], "amx": []}
-        kernel_step()
-        amx_step()
+        sides = [("kernel", kernel_step), ("amx", partial(run_amx, ext, mods, k, xs, ys, False)),
+                 ("amx_prefetch", partial(run_amx, ext, mods, k, xs, ys, True))]
+        times: dict[str, list[float]] = {name: [] for name, _ in sides}
+        for _, fn in sides:
+            fn()
         for rep in range(args.reps):
-            order = [("kernel", kernel_step), ("amx", amx_step)]
-            for name, fn in (order if rep % 2 == 0 else order[::-1]):
+            for name, fn in sides[rep % 3:] + sides[:rep % 3]:  # rotating order
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-        kern, amx = (1e3 * statistics.median(times[n]) for n in ("kernel", "amx"))
-        rows.append({"k": k, "kernel_ms": kern, "amx_ms": amx, "max_abs_diff": worst,
-                     "kernel_runs_ms": [1e3 * t for t in times["kernel"]],
-                     "amx_runs_ms": [1e3 * t for t in times["amx"]]})
+        med = {n: 1e3 * statistics.median(v) for n, v in times.items()}
+        rows.append({"k": k, **{f"{n}_ms": v for n, v in med.items()}, "max_abs_diff": worst,
+                     **{f"{n}_runs_ms": [1e3 * t for t in v] for n, v in times.items()}})
         print(f"k={k}: one step's {len(mods)} calls, {tokens} tokens, weights in memory: kernel "
-              f"{kern:.2f} ms, AMX probe {amx:.2f} ms ({kern / amx:.2f}x); max |AMX - kernel| "
-              f"{worst:.3g} (bf16 rounding of y)", flush=True)
+              f"{med['kernel']:.2f} ms, AMX probe {med['amx']:.2f} ms, with prefetch "
+              f"{med['amx_prefetch']:.2f} ms; max |AMX - kernel| {worst:.3g} (bf16 rounding "
+              f"of y)", flush=True)
     return save_results(args.out, {"rows": rows, "config": vars(args) | {"out": str(args.out)}})
 
 
