@@ -36,18 +36,26 @@ DTYPES = {"x32w32": (torch.float32, torch.float32), "x32w16": (torch.float32, to
 
 
 def build(slots: int, rank: int, wdtype: torch.dtype, pairs: bool = False):
+    """Every layer's slots (rank `rank` in each) with random adapters: one step's modules."""
+    return build_ranks(rank, [rank] * slots, wdtype, pairs=pairs)
+
+
+def build_ranks(max_rank: int, ranks: list[int], wdtype: torch.dtype, packed: bool = True,
+                pairs: bool = False, std: float = 1.0):
+    """The same with slot s holding an adapter of rank ranks[s] (slots sized for max_rank);
+    packed=False gives the torch path's layout."""
     from loraplex.lora.ops import LoRASlots
 
     g = torch.Generator().manual_seed(0)
     mods = []
     for _ in range(LAYERS):
         for fin, outs in SHAPES:
-            m = LoRASlots(fin, outs, slots + 1, rank, torch.device("cpu"), wdtype,
-                          packed=True, pairs=pairs)
-            for s in range(slots):
+            m = LoRASlots(fin, outs, len(ranks) + 1, max_rank, torch.device("cpu"), wdtype,
+                          packed=packed, pairs=pairs)
+            for s, r in enumerate(ranks):
                 for j, o in enumerate(outs):
-                    m.write(s, j, torch.randn(rank, fin, generator=g),
-                            torch.randn(o, rank, generator=g), 0.5)
+                    m.write(s, j, torch.randn(r, fin, generator=g) * std,
+                            torch.randn(o, r, generator=g) * std, 0.5)
             mods.append(m)
     return mods
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import save_results
-from bench_lora_kernel import LAYERS, SHAPES
+from bench_lora_kernel import LAYERS, SHAPES, build_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTERS, TOKENS = 8, 64
@@ -40,23 +40,6 @@ CASES = {  # name -> (max_lora_rank, the adapters' ranks)
     "all-8 in 8": (8, [8] * ADAPTERS),
 }
 TORCH_CASES = ("all-64", "one-64", "all-8 in 64")
-
-
-def build(max_rank: int, ranks: list[int], dtype: torch.dtype, packed: bool, pairs: bool):
-    from loraplex.lora.ops import LoRASlots
-
-    g = torch.Generator().manual_seed(0)
-    mods = []
-    for _ in range(LAYERS):
-        for fin, outs in SHAPES:
-            m = LoRASlots(fin, outs, len(ranks) + 1, max_rank, torch.device("cpu"), dtype,
-                          packed=packed, pairs=pairs)
-            for s, r in enumerate(ranks):
-                for j, o in enumerate(outs):
-                    m.write(s, j, torch.randn(r, fin, generator=g) * 0.05,
-                            torch.randn(o, r, generator=g) * 0.05, 0.5)
-            mods.append(m)
-    return mods
 
 
 def step(mods, batch, xs, ys) -> float:
@@ -84,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     kernel_batch = LoRABatch.build(token_slots, torch.device("cpu"), kernels().lora_delta_)
     sides = {}  # (path, case) -> (mods, batch)
     for name, (max_rank, ranks) in CASES.items():
-        sides[("C++ kernel", name)] = (build(max_rank, ranks, dtype, True, pairs), kernel_batch)
+        sides[("C++ kernel", name)] = (build_ranks(max_rank, ranks, dtype, True, pairs, 0.05),
+                                       kernel_batch)
     if not args.skip_torch:
         for name in TORCH_CASES:
             max_rank, ranks = CASES[name]
@@ -92,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
             # rank bucket
             torch_batch = LoRABatch.build(token_slots, torch.device("cpu"), None,
                                           dict(enumerate(ranks)))
-            sides[("torch", name)] = (build(max_rank, ranks, dtype, False, False), torch_batch)
+            sides[("torch", name)] = (build_ranks(max_rank, ranks, dtype, False, False, 0.05),
+                                  torch_batch)
     xs = {fin: torch.randn(TOKENS, fin).to(dtype) for fin, _ in SHAPES}
     ys = {sum(o): torch.zeros(TOKENS, sum(o), dtype=dtype) for _, o in SHAPES}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in sides}

@@ -29,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import save_results
-from bench_lora_kernel import SHAPES
-from bench_mixed_ranks import build
+from bench_lora_kernel import SHAPES, build
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_amx_lora.json"
 SRC = r"""
@@ -38,7 +37,6 @@ SRC = r"""
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <cstring>
 #include <vector>
 
 // Probe only: the bf16 pair layout's shrink and expand on AMX tiles (tdpbf16ps reads the pair
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     dt, tokens, rank = torch.bfloat16, 64, 16
     rows = []
     for k in (int(v) for v in args.ks.split(",")):
-        mods = build(rank, [rank] * k, dt, True, True)
+        mods = build(k, rank, dt, pairs=True)
         batch = LoRABatch.build([i * k // tokens for i in range(tokens)], torch.device("cpu"),
                                 kernels().lora_delta_)
         xs = {fin: torch.randn(tokens, fin).to(dt) for fin, _ in SHAPES}

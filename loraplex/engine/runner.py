@@ -103,7 +103,8 @@ class ModelRunner:
         ctx = Context(kv_rows=kv_rows)
         if self.lora_enabled:
             slots = [r.adapter_slot for r in rows for _ in range(len(r.token_ids))]
-            ranks = {r.adapter_slot: r.adapter_rank for r in rows if r.adapter_slot >= 0}
+            ranks = (None if self.lora_kernel is not None  # only the torch path buckets ranks
+                     else {r.adapter_slot: r.adapter_rank for r in rows if r.adapter_slot >= 0})
             ctx.lora = LoRABatch.build(slots, self.device, self.lora_kernel, ranks)
         decode = [r for r in rows if len(r.token_ids) == 1]
         nd = len(decode)
