@@ -17,7 +17,7 @@ median step times, each LoRA side's extra over the base, that extra over the ban
 and kernel extra / read-only extra.
 
     python benchmarks/bench_lora_read_floor.py [--ks 1,8,32] [--requests 64] [--steps 30]
-        [--passes 4] [--dtype bfloat16 --lora-dtype auto] [--before REV | --plain]
+        [--passes 4] [--dtype bfloat16 --lora-dtype auto] [--before REV | --plain] [--amx]
 
 --before REV adds a fifth side: the LoRA kernel as it was at git revision REV (built beside
 the working tree's as benchmarks/ab_lora_kernel.py builds it), so a kernel change is measured
@@ -27,6 +27,10 @@ in the engine, paired step by step with the current kernel.
 pair layout) adds a third engine built with the plain layout (LORAPLEX_NO_LORA_PAIRS) as a
 fifth side, so the two layouts are measured in the engine, step by step. Its engine decodes its
 own copy of the requests, taking as many steps a round as the others.
+
+--amx (bf16 on a CPU with AMX-BF16) adds a side running the same kernel with its AMX tile path
+off (lora.cpp's namespace amx), switched call by call, so the tile path is measured in the
+engine, step by step.
 """
 
 from __future__ import annotations
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--before", help="also time the LoRA kernel of this git revision")
     ap.add_argument("--plain", action="store_true",
                     help="also time an engine on the kernel's plain layout (bf16, see above)")
+    ap.add_argument("--amx", action="store_true",
+                    help="also time the kernel with its AMX tile path off (bf16, AMX CPUs)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.passes < 2 or args.passes % 2:
@@ -241,6 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plain and not pairs:
         raise SystemExit("--plain: this engine does not use the pair layout (it takes a bf16 "
                          "model and adapters on a CPU with AVX512-BF16)")
+    if args.amx:
+        from loraplex.kernels import lora_amx_supported
+
+        if not (pairs and lora_amx_supported()):
+            raise SystemExit("--amx: no AMX tile path here (a bf16 model and adapters in the "
+                             "pair layout, on a CPU with AMX-BF16)")
     plain = None
     if args.plain:
         os.environ["LORAPLEX_NO_LORA_PAIRS"] = "1"
@@ -262,6 +274,16 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ks:
         names = [f"a{i % k}" for i in range(args.requests)]
         ops = {"kernel": llms[0].engine.runner.lora_kernel, **floor_lora_ops}
+        if args.amx:  # one kernel, its tile path switched per call (both sides pay the switch)
+            from loraplex.kernels import set_lora_amx
+
+            def switched(on: bool, kern=ops["kernel"]):
+                def call(*call_args):
+                    set_lora_amx(on)
+                    return kern(*call_args)
+                return call
+
+            ops["kernel"], ops["tiles_off"] = switched(True), switched(False)
         distinct = min(k, args.requests)
         passes = []
         for rnd in range(args.passes):  # the engines swap roles: neither's placement favours
@@ -296,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['read_cost_over_floor']:.2f}x | kernel / read only "
               f"{row['kernel_over_read']:.2f}", flush=True)
         for side, label, pair in (("plain", "plain layout (a third engine)", "pairs / plain"),
-                                  ("before", f"kernel at {args.before}", "now / then")):
+                                  ("before", f"kernel at {args.before}", "now / then"),
+                                  ("tiles_off", "kernel, AMX tile path off", "on / off")):
             if side in extra:  # the kernel's steps against this side's, round by round
                 ratio = median([t / b for p in passes for t, b in zip(p["kernel"], p[side])])
                 row[f"kernel_over_{side}"] = ratio

@@ -150,12 +150,136 @@ def test_decode_items_run_in_pairs_bit_for_bit():
 
 
 def test_native_kernel_tiles():
-    from loraplex.kernels import kernels, lora_pairs_supported
+    """The native build's register tiles. On AMX CPUs with the tile path off, so every group
+    takes the vdpbf16ps path and a row's bits are its bits alone (the tile path, which a row
+    alone never takes, is checked by test_amx_tile_path)."""
+    from loraplex.kernels import kernels, lora_amx_supported, lora_pairs_supported, set_lora_amx
 
     ops = kernels()
     if ops is None:
         pytest.skip("the C++ kernels cannot be built here")
-    check_kernel(ops.lora_delta_, pairs=lora_pairs_supported())
+    amx = lora_amx_supported()
+    try:
+        if amx:
+            assert not set_lora_amx(False)
+        check_kernel(ops.lora_delta_, pairs=lora_pairs_supported())
+    finally:
+        if amx:
+            assert set_lora_amx(True)
+
+
+def _amx_case(fin: int, sizes: list[int], ranks: dict[int, list[int]], max_rank: int,
+              gen: torch.Generator) -> LoRASlots:
+    m = LoRASlots(fin, sizes, num_slots=len(ranks) + 1, max_rank=max_rank,
+                  device=torch.device("cpu"), dtype=BF16, packed=True, pairs=True)
+    assert m.pairs
+    for slot, rs in ranks.items():
+        for shard, (out, r) in enumerate(zip(sizes, rs)):
+            if r:
+                m.write(slot, shard, torch.randn(r, fin, generator=gen),
+                        torch.randn(out, r, generator=gen), 0.25 + slot)
+    return m
+
+
+@pytest.mark.parametrize("fin", [100, 130, 64])  # in % 32 = 4, 2, 0: a tail tile or none
+def test_amx_tile_path(fin):
+    """The AMX tile path (Intel CPUs with AMX-BF16; bf16 pair layout): groups of >= 16
+    tokens take it, smaller ones the vdpbf16ps path. Groups of 16, 17, 33 and 40 tokens (whole
+    and partial 16-row tiles) over ranks whose rank lanes end on 16 or 8 (1, 7, 17, 33, 64) and
+    whose expand takes one tile multiply (<= 32) or several (33, 40, 48, 64; 48's last is 8
+    pair rows, a second tile config), partial 32-column blocks (40, 70 columns), an unadapted
+    shard, tokens scattered (gathered into a tile) or side by side (read in place), 1 and 2
+    threads. Every row within fp32 rounding of the reference and of the vdpbf16ps path's
+    result; base rows untouched; a row's bits the same in every batch where its group takes
+    the tiles (other orders, other groups beside it, its group alone)."""
+    from loraplex.kernels import kernels, lora_amx_supported, set_lora_amx
+
+    if kernels() is None or not lora_amx_supported():
+        pytest.skip("no AMX tile path here (needs AMX-BF16)")
+    gen = torch.Generator().manual_seed(fin)
+    sizes = [64, 40, 70]
+    ranks = {0: [64, 33, 1], 1: [16, 8, 0], 2: [40, 17, 7], 3: [48, 0, 16], 4: [4, 4, 4]}
+    m = _amx_case(fin, sizes, ranks, 64, gen)
+    counts = {0: 40, 1: 16, 2: 17, 3: 33, 4: 3, -1: 5}  # slot 4: 3 tokens, vdpbf16ps
+    grouped = sorted(s for s, n in counts.items() for _ in range(n))
+    x = torch.randn(len(grouped), fin, generator=gen).to(BF16)
+    y0 = (10 * torch.randn(len(grouped), sum(sizes), generator=gen)).to(BF16)
+    want = y0.float() + reference_delta(m, x, torch.tensor(grouped))
+    cpu = torch.device("cpu")
+
+    def run(slots: list[int], rows: list[int]) -> torch.Tensor:
+        return LoRABatch.build(slots, cpu, _kernel()).apply(
+            m, x[rows].contiguous(), y0[rows].clone())
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            order = torch.randperm(len(grouped), generator=gen).tolist()
+            scattered = run([grouped[i] for i in order], order)
+            side = run(grouped, list(range(len(grouped))))
+            got = torch.empty_like(side)
+            got[order] = scattered
+            torch.testing.assert_close(side.float(), want, rtol=2 ** -8, atol=1e-3)
+            assert torch.equal(got, side), n  # gathered or in place, any split: same bits
+            for t, s in enumerate(grouped):
+                if s < 0:
+                    assert torch.equal(side[t], y0[t])
+            for slot in (1, 2, 3):  # the group alone, still >= 16 tokens: the same bits
+                rows = [t for t, s in enumerate(grouped) if s == slot]
+                assert torch.equal(run([slot] * len(rows), rows), side[rows]), (n, slot)
+            results.append(side)
+        assert all(torch.equal(r, results[0]) for r in results)
+        assert not set_lora_amx(False)
+        plain = run(grouped, list(range(len(grouped))))
+        torch.testing.assert_close(results[0].float(), plain.float(), rtol=2 ** -7, atol=1e-3)
+        small = [t for t, s in enumerate(grouped) if s == 4]  # 3 tokens: vdpbf16ps either way
+        assert torch.equal(results[0][small], plain[small])
+    finally:
+        torch.set_num_threads(threads)
+        set_lora_amx(True)
+
+
+def _kernel():
+    from loraplex.kernels import lora_kernel_for
+
+    return lora_kernel_for(torch.device("cpu"), BF16, BF16)
+
+
+def test_amx_tile_path_runs():
+    """The tile path really runs where it is on: at SmolLM2's q/k/v shapes (64 tokens of one
+    adapter, r=16) its float32 sums run in another order than vdpbf16ps's, so some of y's bf16
+    roundings differ between the two paths (a few in 10^4; none would if the same path ran
+    twice), and it is faster than the vdpbf16ps path there (benchmarks/bench_lora_amx.py
+    times it; here only that both ran)."""
+    from loraplex.kernels import kernels, lora_amx_supported, set_lora_amx
+
+    if kernels() is None or not lora_amx_supported():
+        pytest.skip("no AMX tile path here (needs AMX-BF16)")
+    gen = torch.Generator().manual_seed(0)
+    fin, sizes = 576, [576, 192, 192]
+    m = LoRASlots(fin, sizes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=BF16,
+                  packed=True, pairs=True)
+    for j, out in enumerate(sizes):  # deltas about y's size, as trained adapters' are
+        m.write(0, j, 0.05 * torch.randn(16, fin, generator=gen),
+                0.05 * torch.randn(out, 16, generator=gen), 2.0)
+    x = torch.randn(64, fin, generator=gen).to(BF16)
+    y0 = torch.randn(64, sum(sizes), generator=gen).to(BF16)
+    batch = LoRABatch.build([0] * 64, torch.device("cpu"), _kernel())
+    try:
+        out = {}
+        for on in (True, False, True):
+            assert set_lora_amx(on) == on
+            got = batch.apply(m, x, y0.clone())
+            if on in out:
+                assert torch.equal(got, out[on])  # each path repeats itself bit for bit
+            out[on] = got
+        assert (out[True] != out[False]).any()
+        torch.testing.assert_close(out[True].float(), out[False].float(), rtol=2 ** -7,
+                                   atol=1e-3)
+    finally:
+        set_lora_amx(True)
 
 
 def test_pair_layout_is_used_where_it_is_built_and_refused_elsewhere():

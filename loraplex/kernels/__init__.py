@@ -68,6 +68,8 @@ def kernels():
                           extra_ldflags=["-fopenmp"],
                           build_directory=str(build), verbose=False, is_python_module=True)
             _module = torch.ops.loraplex
+            if os.environ.get("LORAPLEX_NO_LORA_AMX"):
+                _bound.lora_set_amx(False)
         except Exception as e:  # no compiler, no ninja, ...: the torch path still works
             _failed = True
             log.warning("C++ paged attention unavailable (%s); using the torch path", e)
@@ -105,3 +107,16 @@ def lora_pairs_supported() -> bool:
     if os.environ.get("LORAPLEX_NO_LORA_PAIRS"):
         return False
     return kernels() is not None and bool(_bound.lora_pairs_supported())
+
+
+def lora_amx_supported() -> bool:
+    """Whether the built LoRA kernel can run the pair layout on AMX tiles here (Intel CPUs
+    with AMX-BF16; groups of >= 16 tokens of one adapter take them; see lora.cpp's namespace
+    amx). LORAPLEX_NO_LORA_AMX=1 turns the tile path off for the process."""
+    return kernels() is not None and bool(_bound.lora_amx_supported())
+
+
+def set_lora_amx(on: bool) -> bool:
+    """Turn the LoRA kernel's AMX tile path on or off for later calls (benchmarks and tests
+    compare the two paths in one process); returns whether it is now on."""
+    return kernels() is not None and bool(_bound.lora_set_amx(on))

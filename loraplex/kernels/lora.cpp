@@ -36,17 +36,30 @@
 // One SmolLM2 decode step's calls, 64 tokens, caches flushed, paired against the plain layout
 // (benchmarks/ab_lora_kernel.py --pairs, Zen 4): 1 adapter 0.65x the time, 8 adapters 0.72x,
 // 32 adapters 0.85x.
+//
+// With AMX-BF16 (Intel Xeon), the pair layout's groups of >= 16 tokens (one or a few adapters
+// at decode, every prefill) run on AMX tiles instead (namespace amx), from the same slots.
+// Their sums run in another order, so on such CPUs a row's bits depend on which path its group
+// takes (see namespace amx); everywhere else, and with lora_set_amx(false), a row's result
+// does not depend on the rest of the batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "vec.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -518,6 +531,222 @@ inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, 
 }
 
 }  // namespace pairs
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define LORAPLEX_LORA_AMX 1
+// AMX tiles for the pair layout (Intel CPUs with AMX-BF16): tdpbf16ps multiplies a 16-token x
+// 32-value tile of x by a 16-pair-row x 16-lane tile of A^T pairs in one instruction, and the
+// pair layout's A^T ([in/2, rp, 2]) and B blocks ([qn, 32, 2]) are already the operand layout
+// it reads, so the slots serve both paths. With one adapter's 64 decode tokens the AVX-512
+// path runs at ~120 GFLOP/s beside base GEMMs that oneDNN runs on AMX several times faster
+// (benchmarks/probe_amx_lora.py: one SmolLM2 step's calls 4.1 ms on AVX-512, 2.0 ms on
+// tiles). Tiles pay off only with many tokens per adapter: a group's tokens fill a tile's
+// rows, and with the adapters streaming from memory (8 tokens each, several adapters) the
+// tile path measured slower (k=8: 5.6 vs 4.8 ms), so groups of at least kMinTokens tokens
+// take it and smaller ones the vdpbf16ps path.
+//
+// Rounding: a tile multiply sums each output's pair products in float32 like vdpbf16ps, but
+// not in the same order (measured: the two differ in the last bits; the tiles' sums are the
+// closer to exact), so a row's bits depend on which path its group takes: on AMX CPUs, in
+// bf16, a row's result is the same in any batch where its adapter has >= kMinTokens tokens
+// (the tile path) or in any where it has fewer (the vdpbf16ps path), and within a bf16
+// rounding of y between the two. lora_set_amx(false) turns the tile path off.
+namespace amx {
+
+constexpr int64_t kMinTokens = 16;  // tokens a group needs to take the tile path
+constexpr int64_t kRows = 16;       // tokens per work item: a tile's rows
+
+// Tile registers by role. Shrink: z (16 or 8 rank lanes) += x (32 values) . A^T pairs, with
+// a tail pair for the last in % 32 values. Expand: y's 16 columns += zb . a B half block.
+// (Macros: GCC's tile intrinsics paste their register numbers into the assembly text.)
+#define LX_Z 0
+#define LX_X 1
+#define LX_A 2
+#define LX_XT 3
+#define LX_AT 4
+#define LX_ZB 5
+#define LX_B 6
+#define LX_Y 7
+
+struct alignas(64) Config {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// M token rows; shrink: cw rank lanes (16 or 8), kt tail values (in % 32, even, 0 = none);
+// expand: qc pair rows of z per tile multiply (<= 16).
+inline Config make_config(int64_t M, int64_t cw, int64_t kt, int64_t qc) {
+  Config c;
+  auto set = [&](int t, int64_t rows, int64_t colsb) {
+    c.rows[t] = static_cast<uint8_t>(rows);
+    c.colsb[t] = static_cast<uint16_t>(colsb);
+  };
+  set(LX_Z, M, 4 * cw);
+  set(LX_X, M, 64);
+  set(LX_A, 16, 4 * cw);
+  if (kt > 0) {
+    set(LX_XT, M, 2 * kt);
+    set(LX_AT, kt / 2, 4 * cw);
+  }
+  set(LX_ZB, M, 4 * qc);
+  set(LX_B, qc, 64);
+  set(LX_Y, M, 64);
+  return c;
+}
+
+// One thread's tile state within one call: the config it last loaded. Each call starts with
+// none and releases the tiles at its end, as the other tile users on these threads do at the
+// end of each of theirs (oneDNN's AMX GEMMs; PyTorch's brgemm-based CPU kernels, such as its
+// flash attention, call brgemm_release, which also forgets the config they cached).
+struct Tiles {
+  Config cur;
+  bool loaded = false;
+  void use(const Config& c) {
+    if (loaded && std::memcmp(&c, &cur, sizeof(Config)) == 0) return;
+    _tile_loadconfig(&c);
+    cur = c;
+    loaded = true;
+  }
+  ~Tiles() {
+    if (loaded) _tile_release();
+  }
+};
+
+// Linux hands a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction kills the process. Asked once;
+// oneDNN asks for the same thing, so ours is usually already granted.
+inline bool permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+std::atomic<bool> g_enabled{true};
+
+// A thread's buffers for the tile path, grown as needed and kept across calls.
+struct Scratch {
+  std::vector<bf16> x, zb;
+  std::vector<float> z, acc;
+  template <typename E>
+  E* get(std::vector<E>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+};
+inline Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// z[t][0:rp] = A x_t for t < M (xb: the M tokens' rows, contiguous, row stride in); at: A^T
+// pairs [in/2, rp]. `stream`: the first reader of these weights in this call, which prefetches
+// A^T four 32-value chunks ahead (the tile loads stall on memory otherwise: the probe's k=8
+// steps went 6.9 -> 5.6 ms with prefetching).
+inline void shrink(Tiles& tl, float* z, int64_t ldz, const uint32_t* at, int64_t rp,
+                   int64_t in, const bf16* xb, int64_t M, int64_t qc, bool stream) {
+  const int64_t kfull = in / 32, kt = in % 32, chunk = 16 * rp;  // a chunk: 16 pair rows
+  for (int64_t c0 = 0; c0 < rp; c0 += 16) {
+    const int64_t cw = std::min<int64_t>(16, rp - c0);  // 16 or 8 (rp is a multiple of 8)
+    tl.use(make_config(M, cw, kt, qc));
+    _tile_zero(LX_Z);
+    for (int64_t kc = 0; kc < kfull; ++kc) {
+      if (stream && c0 == 0) {  // may point past the tensor: prefetches never fault
+        const char* ahead = reinterpret_cast<const char*>(at + (kc + 4) * chunk);
+        for (int64_t l = 0; l < rp; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      }
+      _tile_loadd(LX_X, xb + kc * 32, in * 2);
+      _tile_loadd(LX_A, at + kc * chunk + c0, rp * 4);
+      _tile_dpbf16ps(LX_Z, LX_X, LX_A);
+    }
+    if (kt > 0) {
+      _tile_loadd(LX_XT, xb + kfull * 32, in * 2);
+      _tile_loadd(LX_AT, at + kfull * chunk + c0, rp * 4);
+      _tile_dpbf16ps(LX_Z, LX_XT, LX_AT);
+    }
+    _tile_stored(LX_Z, z + c0, ldz * 4);
+  }
+}
+
+// y[t] = round(y[t] + d[t]) for the M rows' columns [c, c + w) (d: [M, ldd] float32 sums).
+inline void add_rows(bf16* y, int64_t ldy, int64_t o0, const int64_t* tok, int64_t M,
+                     const float* d, int64_t ldd, int64_t c, int64_t w) {
+  const __mmask16 m = Vec::mask(w);
+  for (int64_t t = 0; t < M; ++t) {
+    bf16* yt = y + tok[t] * ldy + o0 + c;
+    const __m512 v = _mm512_add_ps(Vec::load(yt, m), _mm512_maskz_loadu_ps(m, d + t * ldd));
+    if (w == 16)
+      pairs::store_bf16(yt, v);
+    else
+      _mm256_mask_storeu_epi16(yt, m, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// y[tok[t], o0 : o0 + on] += the shard's blocks (B pairs [nblk, qn, 32], qn = ceil(r / 2))
+// times zb[t] (z rounded to bf16, [M, ldzb]), 16 columns at a time: each 16 x 16 sum is one
+// tile multiply (r <= 32) summed in float32 and added to y with one rounding. Ranks above 32
+// take several multiplies of up to 16 pair rows, summed in acc ([M, nblk * 32] float32)
+// before y is added to.
+inline void expand(Tiles& tl, bf16* y, int64_t ldy, int64_t o0, int64_t on, const uint32_t* Bp,
+                   int64_t r, const bf16* zb, int64_t ldzb, float* acc, const int64_t* tok,
+                   int64_t M, int64_t cw, int64_t kt, bool stream) {
+  const int64_t nblk = (on + 31) / 32, qn = (r + 1) / 2, blk = qn * 32, lda = nblk * 32;
+  const bool one = qn <= 16;
+  alignas(64) float d[16 * 16];
+  for (int64_t q0 = 0; q0 < qn; q0 += 16) {
+    const int64_t qc = std::min<int64_t>(16, qn - q0);
+    tl.use(make_config(M, cw, kt, qc));  // a new qc reloads the config: acc carries the sums
+    _tile_loadd(LX_ZB, zb + 2 * q0, ldzb * 2);
+    for (int64_t c = 0; c < nblk; ++c) {
+      const uint32_t* b = Bp + c * blk + q0 * 32;
+      if (stream && q0 == 0 && c + kPairsAheadBlocks < nblk)  // 2 * qn lines, 2 blocks ahead
+        for (int64_t q = 0; q < qn; ++q) {
+          Vec::prefetch(Bp + (c + kPairsAheadBlocks) * blk + q * 32);
+          Vec::prefetch(Bp + (c + kPairsAheadBlocks) * blk + q * 32 + 16);
+        }
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t col = c * 32 + h * 16;
+        if (col >= on) break;
+        float* a = acc + col;
+        if (q0 == 0)
+          _tile_zero(LX_Y);
+        else
+          _tile_loadd(LX_Y, a, lda * 4);
+        _tile_loadd(LX_B, b + h * 16, 128);
+        _tile_dpbf16ps(LX_Y, LX_ZB, LX_B);
+        if (one) {
+          _tile_stored(LX_Y, d, 64);
+          add_rows(y, ldy, o0, tok, M, d, 16, col, std::min<int64_t>(16, on - col));
+        } else {
+          _tile_stored(LX_Y, a, lda * 4);
+        }
+      }
+    }
+  }
+  if (!one)
+    for (int64_t col = 0; col < on; col += 16)
+      add_rows(y, ldy, o0, tok, M, acc + col, lda, col, std::min<int64_t>(16, on - col));
+}
+
+// zb[t][0:rp] = z[t][0:rp] rounded to bf16 (nearest even, as pairs::round_pairs).
+inline void round_z(bf16* zb, int64_t ldzb, const float* z, int64_t ldz, int64_t rp,
+                    int64_t M) {
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t c = 0; c < rp; c += 16) {
+      const __mmask16 m = Vec::mask(rp - c);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, z + t * ldz + c));
+      _mm256_mask_storeu_epi16(zb + t * ldzb + c, m, (__m256i)h);
+    }
+}
+
+}  // namespace amx
+#undef LX_Z
+#undef LX_X
+#undef LX_A
+#undef LX_XT
+#undef LX_AT
+#undef LX_ZB
+#undef LX_B
+#undef LX_Y
+#endif
 #endif
 
 // P: the pair layout (T = W = bf16, AVX512-BF16 only; see namespace pairs).
@@ -560,16 +789,30 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   // fewer items than threads (one stream, or a few rows of one adapter) splits its items by
   // shard: shards read their own A and B and write their own columns of y, so they need no
   // synchronization, and a row's result is the same either way.
+  // `n`: the item's tokens (<= kChunk, or <= amx::kRows on the tile path, `tiles`).
   struct Item {
-    int64_t g, t0, j0, j1;
+    int64_t g, t0, j0, j1, n;
+    bool tiles;
   };
+#ifdef LORAPLEX_LORA_AMX
+  const bool amx_on = P && amx::g_enabled.load(std::memory_order_relaxed) && amx::permitted();
+  constexpr int64_t kTileMin = amx::kMinTokens, kTileRows = amx::kRows;
+#else
+  const bool amx_on = false;
+  constexpr int64_t kTileMin = 0, kTileRows = kChunk;
+#endif
   std::vector<Item> items;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = of[g]; t < of[g + 1]; t += kChunk) items.push_back({g, t, 0, nsh});
+  for (int64_t g = 0; g < G; ++g) {
+    const bool tiles = amx_on && of[g + 1] - of[g] >= kTileMin;
+    const int64_t step = tiles ? kTileRows : kChunk;
+    for (int64_t t = of[g]; t < of[g + 1]; t += step)
+      items.push_back({g, t, 0, nsh, std::min(step, of[g + 1] - t), tiles});
+  }
   if (nsh > 1 && static_cast<int64_t>(items.size()) < at::get_num_threads()) {
     std::vector<Item> split;
     for (const Item& item : items)
-      for (int64_t j = 0; j < nsh; ++j) split.push_back({item.g, item.t0, j, j + 1});
+      for (int64_t j = 0; j < nsh; ++j)
+        split.push_back({item.g, item.t0, j, j + 1, item.n, item.tiles});
     items.swap(split);
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -580,7 +823,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   constexpr bool kPairItems =
       std::is_same_v<T, float> && std::is_same_v<W, float> && !P && Vec::W == 16;
   auto full_first_chunk = [&](const Item& item) {
-    return item.t0 == of[item.g] && of[item.g + 1] - item.t0 >= kChunk;
+    return item.t0 == of[item.g] && item.n == kChunk;
   };
   const int64_t rows[kChunk] = {0, 1, 2, 3, 4, 5, 6, 7};
   // Threads take contiguous runs of items (each adds into its own rows of y) of about equal
@@ -592,8 +835,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   for (int64_t i = 0; i < n_items; ++i) {
     const Item& item = items[i];
     const int64_t s = sl[item.g];
-    const int64_t n = std::min(kChunk, of[item.g + 1] - item.t0);
-    const int64_t weight = n + (item.t0 == of[item.g] ? kChunk : 0);
+    const int64_t weight = item.n + (item.t0 == of[item.g] ? kChunk : 0);
     int64_t c = 0;
     for (int64_t j = item.j0; j < item.j1; ++j) c += (rk[s * nsh + j] + 7) / 8 * 8 * weight;
     cost[i + 1] = cost[i] + c;
@@ -612,7 +854,56 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
     std::vector<float> z(kChunk * ldz), xf(kWidenX ? kChunk * in : 0);
     std::vector<float> z2(kPairItems ? kChunk * ldz : 0);  // the second item of a pair
     std::vector<uint32_t> zb(P ? kChunk * ldz / 2 : 0);
+#ifdef LORAPLEX_LORA_AMX
+    // The tile path's buffers: its rows of x gathered (row stride in), z rounded to bf16, and
+    // the float32 sums of y's columns of one shard.
+    // Kept per thread across calls, uninitialized: zeroing ~100 KB per call and thread cost
+    // ~1 ms a decode step.
+    amx::Tiles tiles;
+    bf16 *xt = nullptr, *zt = nullptr;
+    float *zf = nullptr, *yacc = nullptr;
+    if (amx_on) {
+      int64_t widest = 0;
+      for (int64_t j = 0; j < nsh; ++j) widest = std::max(widest, blk_off[j + 1] - blk_off[j]);
+      amx::Scratch& sc = amx::scratch();
+      xt = sc.get(sc.x, amx::kRows * in);
+      zt = sc.get(sc.zb, amx::kRows * RP);
+      zf = sc.get(sc.z, amx::kRows * ldz);
+      yacc = sc.get(sc.acc, amx::kRows * widest * 32);
+    }
+#endif
     for (int64_t it = begin; it < end; ++it) {
+#ifdef LORAPLEX_LORA_AMX
+      if constexpr (P) if (items[it].tiles) {
+        const Item& item = items[it];
+        const int64_t M = item.n, s = sl[item.g];
+        const int64_t* tok = tk + item.t0;
+        const bool stream = item.t0 == of[item.g];
+        // The rows as one tile operand: in place when consecutive (the runner lays out each
+        // adapter's rows side by side), else gathered.
+        const bf16* xrows = xp + tok[0] * in;
+        if (tok[M - 1] - tok[0] != M - 1 || !std::is_sorted(tok, tok + M)) {
+          for (int64_t t = 0; t < M; ++t)
+            std::memcpy(xt + t * in, xp + tok[t] * in, in * sizeof(bf16));
+          xrows = xt;
+        }
+        for (int64_t j = item.j0; j < item.j1; ++j) {
+          const int64_t r = rk[s * nsh + j], rp = (r + 7) / 8 * 8;
+          if (r == 0) continue;
+          const auto [a, b] = shard_at(s, j);  // [in/2, rp, 2] and [blocks_j, qn, 32, 2]
+          // One tile config serves a shard's shrink and expand when its rank is <= 32 and a
+          // multiple of 16 or below it (cw: the last shrink pass's rank lanes; qc: the
+          // expand's first pair rows).
+          const int64_t cw = rp % 16 == 0 ? 16 : 8, qc = std::min<int64_t>(16, (r + 1) / 2);
+          amx::shrink(tiles, zf, ldz, reinterpret_cast<const uint32_t*>(a), rp, in, xrows, M, qc,
+                      stream);
+          amx::round_z(zt, RP, zf, ldz, rp, M);
+          amx::expand(tiles, yp, out, shard_off[j], ss[j], reinterpret_cast<const uint32_t*>(b),
+                      r, zt, RP, yacc, tok, M, cw, in % 32, stream);
+        }
+        continue;
+      }
+#endif
       if constexpr (kPairItems) {
         const Item& i1 = items[it];
         if (it + 1 < end && full_first_chunk(i1) && full_first_chunk(items[it + 1]) &&
@@ -647,8 +938,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
           continue;
         }
       }
-      const int64_t g = items[it].g, t0 = items[it].t0;
-      const int64_t t1 = std::min(t0 + kChunk, of[g + 1]), n = t1 - t0;
+      const int64_t g = items[it].g, t0 = items[it].t0, n = items[it].n;
       const int64_t s = sl[g];
 #ifdef LORAPLEX_LORA_PAIRS
       if constexpr (P) {
@@ -709,6 +999,28 @@ bool lora_pairs_supported() {
 #endif
 }
 
+// Whether this build has the AMX tile path (bf16 pair layout, groups of >= 16 tokens; see
+// namespace amx) and may use it in this process.
+bool lora_amx_supported() {
+#ifdef LORAPLEX_LORA_AMX
+  return amx::permitted();
+#else
+  return false;
+#endif
+}
+
+// Turns the tile path on or off for later calls (on by default where supported); returns
+// whether it is now on.
+bool lora_set_amx(bool on) {
+#ifdef LORAPLEX_LORA_AMX
+  amx::g_enabled.store(on);
+  return on && amx::permitted();
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::Tensor ranks,
                  at::Tensor shard_sizes, at::Tensor tokens, at::Tensor offsets, at::Tensor slots,
                  bool pairs) {
@@ -762,6 +1074,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("ap"), pybind11::arg("bp"),
         pybind11::arg("ranks"), pybind11::arg("shard_sizes"), pybind11::arg("tokens"),
         pybind11::arg("offsets"), pybind11::arg("slots"), pybind11::arg("pairs") = false);
+  m.def("lora_amx_supported", &lora_amx_supported,
+        "whether the bf16 pair layout can run groups of >= 16 tokens on AMX tiles here");
+  m.def("lora_set_amx", &lora_set_amx, pybind11::arg("on"),
+        "turn the AMX tile path on or off; returns whether it is on");
   m.def("lora_pairs_supported", &lora_pairs_supported,
         "whether lora_delta_ takes the pair layout here (bf16 x and weights, AVX512-BF16)");
 }
