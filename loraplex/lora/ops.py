@@ -273,13 +273,6 @@ class LoRABatch:
             d = torch.bmm(xa, bt.to(dt))  # [k, L, out]
             y.index_add_(0, b.dest, d.reshape(-1, d.shape[-1])[b.src].to(y.dtype))
         return y
-        dt = torch.promote_types(x.dtype, m.a.dtype)  # mixed dtypes: the wider one
-        xz = torch.cat((x, x.new_zeros(1, x.shape[1]))).to(dt)  # row T = zero padding
-        xs = xz[self.gather]  # [k, L, in]
-        xa = torch.bmm(xs, m.a[self.slots].transpose(1, 2).to(dt))  # [k, L, nR]
-        d = torch.bmm(xa, m.bt[self.slots].to(dt))  # [k, L, out]
-        y.index_add_(0, self.dest, d.reshape(-1, d.shape[-1])[self.src].to(y.dtype))
-        return y
 
 
 def reference_delta(m: LoRASlots, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
