@@ -6,7 +6,7 @@ projections), r=16 on all 7 projections. Each case is one step's 120 calls for T
 evenly over k adapters, each call after its projection's base GEMM (oneDNN, bf16, packed as the
 engine packs them), so the caches hold what they hold in the engine. Sides alternate in a
 rotating order: the base GEMMs alone, GEMMs + kernel on the vdpbf16ps path, GEMMs + kernel with
-the tile path on (groups of >= 16 tokens take it). Printed: each side's median step, the LoRA
+the tile path on (groups of >= 4 tokens take it). Printed: each side's median step, the LoRA
 calls' share (side - GEMMs alone), and tiles / vdpbf16ps for that share.
 
     python benchmarks/bench_lora_amx.py [--cases 64x1,64x2,64x4,64x8,64x32,2048x1,2048x8]

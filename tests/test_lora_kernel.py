@@ -183,13 +183,13 @@ def _amx_case(fin: int, sizes: list[int], ranks: dict[int, list[int]], max_rank:
 
 @pytest.mark.parametrize("fin", [100, 130, 64])  # in % 32 = 4, 2, 0: a tail tile or none
 def test_amx_tile_path(fin):
-    """The AMX tile path (Intel CPUs with AMX-BF16; bf16 pair layout): groups of >= 16
-    tokens take it, smaller ones the vdpbf16ps path. Groups of 16, 17, 33 and 40 tokens (whole
-    and partial 16-row tiles) over ranks whose rank lanes end on 16 or 8 (1, 7, 17, 33, 64) and
-    whose expand takes one tile multiply (<= 32) or several (33, 40, 48, 64; 48's last is 8
-    pair rows, a second tile config), partial 32-column blocks (40, 70 columns), an unadapted
-    shard, tokens scattered (gathered into a tile) or side by side (read in place), 1 and 2
-    threads. Every row within fp32 rounding of the reference and of the vdpbf16ps path's
+    """The AMX tile path (Intel CPUs with AMX-BF16; bf16 pair layout): groups of >= 4
+    tokens take it, smaller ones the vdpbf16ps path. Groups of 5, 16, 17, 33 and 40 tokens
+    (whole and partial 16-row tiles) over ranks whose rank lanes end on 16 or 8 (1, 7, 17,
+    33, 64) and whose expand takes one tile multiply (<= 32) or several (33, 40, 48, 64; 48's
+    last is 8 pair rows, a second tile config), partial 32-column blocks (40, 70 columns), an
+    unadapted shard, tokens scattered (gathered into a tile) or side by side (read in place),
+    1 and 2 threads. Every row within fp32 rounding of the reference and of the vdpbf16ps path's
     result; base rows untouched; a row's bits the same in every batch where its group takes
     the tiles (other orders, other groups beside it, its group alone)."""
     from loraplex.kernels import kernels, lora_amx_supported, set_lora_amx
@@ -198,9 +198,10 @@ def test_amx_tile_path(fin):
         pytest.skip("no AMX tile path here (needs AMX-BF16)")
     gen = torch.Generator().manual_seed(fin)
     sizes = [64, 40, 70]
-    ranks = {0: [64, 33, 1], 1: [16, 8, 0], 2: [40, 17, 7], 3: [48, 0, 16], 4: [4, 4, 4]}
+    ranks = {0: [64, 33, 1], 1: [16, 8, 0], 2: [40, 17, 7], 3: [48, 0, 16], 4: [4, 4, 4],
+             5: [8, 24, 2]}
     m = _amx_case(fin, sizes, ranks, 64, gen)
-    counts = {0: 40, 1: 16, 2: 17, 3: 33, 4: 3, -1: 5}  # slot 4: 3 tokens, vdpbf16ps
+    counts = {0: 40, 1: 16, 2: 17, 3: 33, 4: 3, 5: 5, -1: 5}  # slot 4: 3 tokens, vdpbf16ps
     grouped = sorted(s for s, n in counts.items() for _ in range(n))
     x = torch.randn(len(grouped), fin, generator=gen).to(BF16)
     y0 = (10 * torch.randn(len(grouped), sum(sizes), generator=gen)).to(BF16)
@@ -226,7 +227,7 @@ def test_amx_tile_path(fin):
             for t, s in enumerate(grouped):
                 if s < 0:
                     assert torch.equal(side[t], y0[t])
-            for slot in (1, 2, 3):  # the group alone, still >= 16 tokens: the same bits
+            for slot in (1, 2, 3, 5):  # the group alone, still on the tiles: the same bits
                 rows = [t for t, s in enumerate(grouped) if s == slot]
                 assert torch.equal(run([slot] * len(rows), rows), side[rows]), (n, slot)
             results.append(side)

@@ -111,7 +111,7 @@ def lora_pairs_supported() -> bool:
 
 def lora_amx_supported() -> bool:
     """Whether the built LoRA kernel can run the pair layout on AMX tiles here (Intel CPUs
-    with AMX-BF16; groups of >= 16 tokens of one adapter take them; see lora.cpp's namespace
+    with AMX-BF16; groups of >= 4 tokens of one adapter take them; see lora.cpp's namespace
     amx). LORAPLEX_NO_LORA_AMX=1 turns the tile path off for the process."""
     return kernels() is not None and bool(_bound.lora_amx_supported())
 

@@ -37,8 +37,9 @@
 // (benchmarks/ab_lora_kernel.py --pairs, Zen 4): 1 adapter 0.65x the time, 8 adapters 0.72x,
 // 32 adapters 0.85x.
 //
-// With AMX-BF16 (Intel Xeon), the pair layout's groups of >= 16 tokens (one or a few adapters
-// at decode, every prefill) run on AMX tiles instead (namespace amx), from the same slots.
+// With AMX-BF16 (Intel Xeon), the pair layout's groups of >= 4 tokens (decode over up to 16
+// adapters in 64 rows, every prefill) run on AMX tiles instead (namespace amx), from the
+// same slots.
 // Their sums run in another order, so on such CPUs a row's bits depend on which path its group
 // takes (see namespace amx); everywhere else, and with lora_set_amx(false), a row's result
 // does not depend on the rest of the batch.
@@ -537,23 +538,29 @@ inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, 
 // AMX tiles for the pair layout (Intel CPUs with AMX-BF16): tdpbf16ps multiplies a 16-token x
 // 32-value tile of x by a 16-pair-row x 16-lane tile of A^T pairs in one instruction, and the
 // pair layout's A^T ([in/2, rp, 2]) and B blocks ([qn, 32, 2]) are already the operand layout
-// it reads, so the slots serve both paths. With one adapter's 64 decode tokens the AVX-512
-// path runs at ~120 GFLOP/s beside base GEMMs that oneDNN runs on AMX several times faster
-// (benchmarks/probe_amx_lora.py: one SmolLM2 step's calls 4.1 ms on AVX-512, 2.0 ms on
-// tiles). Tiles pay off only with many tokens per adapter: a group's tokens fill a tile's
-// rows, and with the adapters streaming from memory (8 tokens each, several adapters) the
-// tile path measured slower (k=8: 5.6 vs 4.8 ms), so groups of at least kMinTokens tokens
-// take it and smaller ones the vdpbf16ps path.
+// it reads, so the slots serve both paths. Work items take up to 16 tokens of one group (a
+// tile's rows; rows side by side in x are read in place, others gathered); the shrink sums z
+// in a tile over 32-value chunks of x (and a tail tile for in % 32), the expand runs one tile
+// multiply per 16 columns of y (several for ranks above 32, summed in float32 before y).
+// With one adapter's 64 decode tokens the vdpbf16ps path runs at ~120 GFLOP/s beside base
+// GEMMs that oneDNN runs on AMX several times faster. One SmolLM2 decode step's 120 calls,
+// weights in memory (Intel Xeon VM, paired, tiles / vdpbf16ps): 64 tokens of 1 adapter
+// 2.46 / 5.26 ms, 8 adapters x 8 tokens 0.79x, 16 x 4 0.93x, 32 x 2 0.98x, 32 x 1 1.09-1.23x
+// (a one-token tile's fixed costs: config, tile loads and stores, with nothing to amortize
+// them); a 2048-token prefill over 8 adapters 0.39-0.42x. So groups of at least kMinTokens
+// tokens take the tiles and smaller ones the vdpbf16ps path (benchmarks/bench_lora_amx.py
+// measures both beside the base GEMMs).
 //
 // Rounding: a tile multiply sums each output's pair products in float32 like vdpbf16ps, but
 // not in the same order (measured: the two differ in the last bits; the tiles' sums are the
 // closer to exact), so a row's bits depend on which path its group takes: on AMX CPUs, in
 // bf16, a row's result is the same in any batch where its adapter has >= kMinTokens tokens
 // (the tile path) or in any where it has fewer (the vdpbf16ps path), and within a bf16
-// rounding of y between the two. lora_set_amx(false) turns the tile path off.
+// rounding of y between the two (a few elements in 10^4 differ). lora_set_amx(false) turns
+// the tile path off. (The base GEMMs' rounding already depends on the batch's row count.)
 namespace amx {
 
-constexpr int64_t kMinTokens = 16;  // tokens a group needs to take the tile path
+constexpr int64_t kMinTokens = 4;  // tokens a group needs to take the tile path
 constexpr int64_t kRows = 16;       // tokens per work item: a tile's rows
 
 // Tile registers by role. Shrink: z (16 or 8 rank lanes) += x (32 values) . A^T pairs, with
@@ -999,7 +1006,7 @@ bool lora_pairs_supported() {
 #endif
 }
 
-// Whether this build has the AMX tile path (bf16 pair layout, groups of >= 16 tokens; see
+// Whether this build has the AMX tile path (bf16 pair layout, groups of >= 4 tokens; see
 // namespace amx) and may use it in this process.
 bool lora_amx_supported() {
 #ifdef LORAPLEX_LORA_AMX
@@ -1075,7 +1082,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("ranks"), pybind11::arg("shard_sizes"), pybind11::arg("tokens"),
         pybind11::arg("offsets"), pybind11::arg("slots"), pybind11::arg("pairs") = false);
   m.def("lora_amx_supported", &lora_amx_supported,
-        "whether the bf16 pair layout can run groups of >= 16 tokens on AMX tiles here");
+        "whether the bf16 pair layout can run groups of >= 4 tokens on AMX tiles here");
   m.def("lora_set_amx", &lora_set_amx, pybind11::arg("on"),
         "turn the AMX tile path on or off; returns whether it is on");
   m.def("lora_pairs_supported", &lora_pairs_supported,
