@@ -646,8 +646,8 @@ inline Scratch& scratch() {
 
 // z[t][0:rp] = A x_t for t < M (xb: the M tokens' rows, contiguous, row stride in); at: A^T
 // pairs [in/2, rp]. `stream`: the first reader of these weights in this call, which prefetches
-// A^T four 32-value chunks ahead (the tile loads stall on memory otherwise: the probe's k=8
-// steps went 6.9 -> 5.6 ms with prefetching).
+// A^T four 32-value chunks ahead (the tile loads stall on memory otherwise: session 16's AMX
+// probe, 8 adapters x 8 tokens, went 6.9 -> 5.6 ms a step with prefetching; RESULTS.md).
 inline void shrink(Tiles& tl, float* z, int64_t ldz, const uint32_t* at, int64_t rp,
                    int64_t in, const bf16* xb, int64_t M, int64_t qc, bool stream) {
   const int64_t kfull = in / 32, kt = in % 32, chunk = 16 * rp;  // a chunk: 16 pair rows
