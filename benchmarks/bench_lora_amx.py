@@ -32,10 +32,10 @@ from bench_lora_kernel import SHAPES, build
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_lora_amx.json"
 
 
-def step(ops, mods, gemms, batch, xs, lora: bool, tiles: bool) -> float:
+def step(set_tiles, mods: list, gemms: list, batch, xs: dict, lora: bool, tiles: bool) -> float:
     """One step's 120 projections: the base GEMM, then (lora) the LoRA call with the tile path
-    on or off. Returns its time in seconds."""
-    ops.lora_set_amx(tiles)
+    on or off (set_tiles: loraplex.kernels.set_lora_amx). Returns its time in seconds."""
+    set_tiles(tiles)
     t0 = time.perf_counter()
     for m, gemm in zip(mods, gemms):
         x = xs[m.in_features]
@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     if K.kernels() is None or not K.lora_pairs_supported():
         sys.exit("the LoRA kernel's pair layout is not built on this CPU (AVX512-BF16)")
-    if not K._bound.lora_amx_supported():
+    if not K.lora_amx_supported():
         sys.exit("this kernel build has no AMX tile path here (no AMX-BF16, or not permitted)")
     dt = torch.bfloat16
+    kern = K.lora_kernel_for(torch.device("cpu"), dt, dt)
+    was_on = K.lora_amx_on()
     rows = []
     mods_by_k: dict[int, list] = {}
     try:
@@ -72,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
             mods = mods_by_k[k]
             gemms = base_gemms(mods, tokens, dt)
             batch = LoRABatch.build([i * k // tokens for i in range(tokens)],
-                                    torch.device("cpu"), K._bound.lora_delta_)
+                                    torch.device("cpu"), kern)
             xs = {fin: torch.randn(tokens, fin).to(dt) for fin, _ in SHAPES}
-            run = partial(step, K._bound, mods, gemms, batch, xs)
+            run = partial(step, K.set_lora_amx, mods, gemms, batch, xs)
             sides = {"gemms": (False, False), "vdpbf16ps": (True, False), "tiles": (True, True)}
             names = list(sides)
             times: dict[str, list[float]] = {n: [] for n in names}
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"tiles / vdpbf16ps {row['step_ratio_tiles_over_vdpbf16ps']:.3f} (median of "
                   f"rounds {paired:.3f})", flush=True)
     finally:
-        K._bound.lora_set_amx(True)
+        K.set_lora_amx(was_on)
     return save_results(args.out, {"rows": rows, "config": vars(args) | {"out": str(args.out)},
                                    "cpu": K.cpu_tag()})
 

@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -277,10 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.amx:  # one kernel, its tile path switched per call (both sides pay the switch)
             from loraplex.kernels import set_lora_amx
 
-            def switched(on: bool, kern=ops["kernel"]):
-                def call(*call_args):
+            def switched(on: bool, kern: Callable = ops["kernel"]) -> Callable:
+                def call(*call_args: object) -> None:
                     set_lora_amx(on)
-                    return kern(*call_args)
+                    kern(*call_args)
                 return call
 
             ops["kernel"], ops["tiles_off"] = switched(True), switched(False)

@@ -14,10 +14,12 @@ checks on them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,27 +151,61 @@ def test_decode_items_run_in_pairs_bit_for_bit():
         torch.set_num_threads(threads)
 
 
+def _cpu_has_amx() -> bool:
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def _need_amx() -> None:
+    """Skip where the kernel has no AMX tile path because the CPU has no AMX; fail where the
+    CPU has it and the path is missing anyway (a compiler without AMX, or the OS refusing the
+    tile state): that is a broken build here, not a reason to skip."""
+    from loraplex.kernels import kernels, lora_amx_supported
+
+    if kernels() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    if not lora_amx_supported():
+        if _cpu_has_amx():
+            pytest.fail("this CPU has AMX-BF16 but the LoRA kernel has no tile path")
+        pytest.skip("no AMX tile path here (needs AMX-BF16)")
+
+
+@contextlib.contextmanager
+def _tiles(on: bool) -> Iterator[None]:
+    """The AMX tile path on or off inside the block, as it was after (the switch is global)."""
+    from loraplex.kernels import lora_amx_on, set_lora_amx
+
+    was = lora_amx_on()
+    assert set_lora_amx(on) == on
+    try:
+        yield
+    finally:
+        set_lora_amx(was)
+
+
 def test_native_kernel_tiles():
     """The native build's register tiles. On AMX CPUs with the tile path off, so every group
     takes the vdpbf16ps path and a row's bits are its bits alone (the tile path, which a row
     alone never takes, is checked by test_amx_tile_path)."""
-    from loraplex.kernels import kernels, lora_amx_supported, lora_pairs_supported, set_lora_amx
+    from loraplex.kernels import kernels, lora_amx_supported, lora_pairs_supported
 
     ops = kernels()
     if ops is None:
         pytest.skip("the C++ kernels cannot be built here")
-    amx = lora_amx_supported()
-    try:
-        if amx:
-            assert not set_lora_amx(False)
+    with _tiles(False) if lora_amx_supported() else contextlib.nullcontext():
         check_kernel(ops.lora_delta_, pairs=lora_pairs_supported())
-    finally:
-        if amx:
-            assert set_lora_amx(True)
+
+
+def _kernel():
+    from loraplex.kernels import lora_kernel_for
+
+    return lora_kernel_for(torch.device("cpu"), BF16, BF16)
 
 
 def _amx_case(fin: int, sizes: list[int], ranks: dict[int, list[int]], max_rank: int,
               gen: torch.Generator) -> LoRASlots:
+    """bf16 slots in the pair layout holding random adapters of these per-shard ranks."""
     m = LoRASlots(fin, sizes, num_slots=len(ranks) + 1, max_rank=max_rank,
                   device=torch.device("cpu"), dtype=BF16, packed=True, pairs=True)
     assert m.pairs
@@ -181,27 +217,32 @@ def _amx_case(fin: int, sizes: list[int], ranks: dict[int, list[int]], max_rank:
     return m
 
 
-@pytest.mark.parametrize("fin", [100, 130, 64])  # in % 32 = 4, 2, 0: a tail tile or none
-def test_amx_tile_path(fin):
-    """The AMX tile path (Intel CPUs with AMX-BF16; bf16 pair layout): groups of >= 4
-    tokens take it, smaller ones the vdpbf16ps path. Groups of 5, 16, 17, 33 and 40 tokens
-    (whole and partial 16-row tiles) over ranks whose rank lanes end on 16 or 8 (1, 7, 17,
-    33, 64) and whose expand takes one tile multiply (<= 32) or several (33, 40, 48, 64; 48's
-    last is 8 pair rows, a second tile config), partial 32-column blocks (40, 70 columns), an
-    unadapted shard, tokens scattered (gathered into a tile) or side by side (read in place),
-    1 and 2 threads. Every row within fp32 rounding of the reference and of the vdpbf16ps path's
-    result; base rows untouched; a row's bits the same in every batch where its group takes
-    the tiles (other orders, other groups beside it, its group alone)."""
-    from loraplex.kernels import kernels, lora_amx_supported, set_lora_amx
+# (input width, largest rank): in % 32 = 4, 2, 0 and 30 (below 32: only the tail tile); an
+# odd largest rank (63, 39), whose expand's last pair row is half zero.
+@pytest.mark.parametrize("fin,top", [(100, 64), (130, 63), (64, 64), (30, 39)])
+def test_amx_tile_path(fin, top):
+    """The AMX tile path (Intel CPUs with AMX-BF16; bf16 pair layout): groups of >= 4 tokens
+    take it, smaller ones the vdpbf16ps path. Groups of 4 (the threshold), 5, 16, 17, 33 and
+    40 tokens (whole and partial 16-row tiles) beside one of 3; ranks whose rank lanes end on
+    16 or 8 (1, 7, 12, 17, 31, 33, up to 64) and whose expand takes one tile multiply (<= 32)
+    or several (33 and up; 33, 40, 48 and 63 end on a shorter multiply, in a config of its
+    own); partial 32-column blocks (56 and 70 columns: 24 and 6 in the last block); an
+    unadapted shard; tokens scattered (gathered into a tile) or side by side (read in place);
+    1 and 2 threads. Every row within bf16 rounding of the reference and of the vdpbf16ps
+    path's result; base rows untouched; a row's bits the same in every batch where its group
+    takes the tiles (other orders, other groups beside it, its group alone); and the tiles
+    really ran: the kernel's count of tile work items grows by exactly the batch's items."""
+    from loraplex.kernels import lora_amx_items
 
-    if kernels() is None or not lora_amx_supported():
-        pytest.skip("no AMX tile path here (needs AMX-BF16)")
+    _need_amx()
     gen = torch.Generator().manual_seed(fin)
-    sizes = [64, 40, 70]
+    sizes = [64, 56, 70]
     ranks = {0: [64, 33, 1], 1: [16, 8, 0], 2: [40, 17, 7], 3: [48, 0, 16], 4: [4, 4, 4],
-             5: [8, 24, 2]}
-    m = _amx_case(fin, sizes, ranks, 64, gen)
-    counts = {0: 40, 1: 16, 2: 17, 3: 33, 4: 3, 5: 5, -1: 5}  # slot 4: 3 tokens, vdpbf16ps
+             5: [8, 24, 2], 6: [12, 16, 31]}
+    ranks = {s: [min(r, top) for r in rs] for s, rs in ranks.items()}
+    m = _amx_case(fin, sizes, ranks, top, gen)
+    counts = {0: 40, 1: 16, 2: 17, 3: 33, 4: 3, 5: 5, 6: 4, -1: 5}  # slot 4: vdpbf16ps
+    tile_items = 3 + 1 + 2 + 3 + 1 + 1  # 16 tokens an item, per group of >= 4
     grouped = sorted(s for s, n in counts.items() for _ in range(n))
     x = torch.randn(len(grouped), fin, generator=gen).to(BF16)
     y0 = (10 * torch.randn(len(grouped), sum(sizes), generator=gen)).to(BF16)
@@ -214,50 +255,46 @@ def test_amx_tile_path(fin):
 
     threads = torch.get_num_threads()
     try:
-        results = []
-        for n in sorted({1, 2, threads}):
-            torch.set_num_threads(n)
-            order = torch.randperm(len(grouped), generator=gen).tolist()
-            scattered = run([grouped[i] for i in order], order)
-            side = run(grouped, list(range(len(grouped))))
-            got = torch.empty_like(side)
-            got[order] = scattered
-            torch.testing.assert_close(side.float(), want, rtol=2 ** -8, atol=1e-3)
-            assert torch.equal(got, side), n  # gathered or in place, any split: same bits
-            for t, s in enumerate(grouped):
-                if s < 0:
-                    assert torch.equal(side[t], y0[t])
-            for slot in (1, 2, 3, 5):  # the group alone, still on the tiles: the same bits
-                rows = [t for t, s in enumerate(grouped) if s == slot]
-                assert torch.equal(run([slot] * len(rows), rows), side[rows]), (n, slot)
-            results.append(side)
-        assert all(torch.equal(r, results[0]) for r in results)
-        assert not set_lora_amx(False)
-        plain = run(grouped, list(range(len(grouped))))
+        with _tiles(True):
+            results = []
+            for n in sorted({1, 2, threads}):
+                torch.set_num_threads(n)
+                order = torch.randperm(len(grouped), generator=gen).tolist()
+                scattered = run([grouped[i] for i in order], order)
+                before = lora_amx_items()
+                side = run(grouped, list(range(len(grouped))))
+                assert lora_amx_items() - before == tile_items, n
+                got = torch.empty_like(side)
+                got[order] = scattered
+                torch.testing.assert_close(side.float(), want, rtol=2 ** -8, atol=1e-3)
+                assert torch.equal(got, side), n  # gathered or in place, any split: same bits
+                for t, s in enumerate(grouped):
+                    if s < 0:
+                        assert torch.equal(side[t], y0[t])
+                for slot in (1, 2, 3, 5, 6):  # the group alone, still on the tiles: same bits
+                    rows = [t for t, s in enumerate(grouped) if s == slot]
+                    assert torch.equal(run([slot] * len(rows), rows), side[rows]), (n, slot)
+                results.append(side)
+            assert all(torch.equal(r, results[0]) for r in results)
+        with _tiles(False):
+            before = lora_amx_items()
+            plain = run(grouped, list(range(len(grouped))))
+            assert lora_amx_items() == before
         torch.testing.assert_close(results[0].float(), plain.float(), rtol=2 ** -7, atol=1e-3)
         small = [t for t, s in enumerate(grouped) if s == 4]  # 3 tokens: vdpbf16ps either way
         assert torch.equal(results[0][small], plain[small])
     finally:
         torch.set_num_threads(threads)
-        set_lora_amx(True)
-
-
-def _kernel():
-    from loraplex.kernels import lora_kernel_for
-
-    return lora_kernel_for(torch.device("cpu"), BF16, BF16)
 
 
 def test_amx_tile_path_runs():
-    """The tile path really runs where it is on: at SmolLM2's q/k/v shapes (64 tokens of one
-    adapter, r=16) its float32 sums run in another order than vdpbf16ps's, so some of y's bf16
-    roundings differ between the two paths (a few in 10^4; none would if the same path ran
-    twice), and it is faster than the vdpbf16ps path there (benchmarks/bench_lora_amx.py
-    times it; here only that both ran)."""
-    from loraplex.kernels import kernels, lora_amx_supported, set_lora_amx
+    """At SmolLM2's q/k/v shapes (64 tokens of one adapter, r=16: four 16-row items) the tile
+    path runs (the kernel counts its items) and its float32 sums run in another order than
+    vdpbf16ps's, so some of y's bf16 roundings differ between the two paths (a few in 10^4;
+    each path repeats itself bit for bit). benchmarks/bench_lora_amx.py times the two."""
+    from loraplex.kernels import lora_amx_items
 
-    if kernels() is None or not lora_amx_supported():
-        pytest.skip("no AMX tile path here (needs AMX-BF16)")
+    _need_amx()
     gen = torch.Generator().manual_seed(0)
     fin, sizes = 576, [576, 192, 192]
     m = LoRASlots(fin, sizes, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=BF16,
@@ -268,19 +305,17 @@ def test_amx_tile_path_runs():
     x = torch.randn(64, fin, generator=gen).to(BF16)
     y0 = torch.randn(64, sum(sizes), generator=gen).to(BF16)
     batch = LoRABatch.build([0] * 64, torch.device("cpu"), _kernel())
-    try:
-        out = {}
-        for on in (True, False, True):
-            assert set_lora_amx(on) == on
+    out = {}
+    for on in (True, False, True):
+        with _tiles(on):
+            before = lora_amx_items()
             got = batch.apply(m, x, y0.clone())
-            if on in out:
-                assert torch.equal(got, out[on])  # each path repeats itself bit for bit
-            out[on] = got
-        assert (out[True] != out[False]).any()
-        torch.testing.assert_close(out[True].float(), out[False].float(), rtol=2 ** -7,
-                                   atol=1e-3)
-    finally:
-        set_lora_amx(True)
+            assert lora_amx_items() - before == (4 if on else 0)
+        if on in out:
+            assert torch.equal(got, out[on])  # each path repeats itself bit for bit
+        out[on] = got
+    assert (out[True] != out[False]).any()
+    torch.testing.assert_close(out[True].float(), out[False].float(), rtol=2 ** -7, atol=1e-3)
 
 
 def test_pair_layout_is_used_where_it_is_built_and_refused_elsewhere():
@@ -346,6 +381,20 @@ def _build_and_check(isa: str, build: str) -> None:
         assert "no pair layout" in str(e), e
     test_cpu_kernels.run_all(torch.ops.loraplex)
     print("ok")
+
+
+def test_kernels_build_where_a_compiler_is():
+    """The kernel tests skip where the C++ kernels cannot be built. With a C++ compiler on
+    x86-64 they must build: a compile error would otherwise turn those tests into skips."""
+    import shutil
+
+    from loraplex.kernels import kernels
+
+    if os.environ.get("LORAPLEX_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("kernels disabled, or not x86-64")
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here")
+    assert kernels() is not None, "the C++ kernels failed to build (see the log's warning)"
 
 
 def test_kernel_builds_are_kept_per_cpu():

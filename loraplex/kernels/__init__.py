@@ -111,12 +111,25 @@ def lora_pairs_supported() -> bool:
 
 def lora_amx_supported() -> bool:
     """Whether the built LoRA kernel can run the pair layout on AMX tiles here (Intel CPUs
-    with AMX-BF16; groups of >= 4 tokens of one adapter take them; see lora.cpp's namespace
-    amx). LORAPLEX_NO_LORA_AMX=1 turns the tile path off for the process."""
+    with AMX-BF16, a compiler that knows AMX, and the OS granting the tile state; groups of
+    >= 4 tokens of one adapter take them; see lora.cpp's namespace amx). Whether the path is
+    on is `lora_amx_on()`: LORAPLEX_NO_LORA_AMX=1 turns it off when the kernels load."""
     return kernels() is not None and bool(_bound.lora_amx_supported())
+
+
+def lora_amx_on() -> bool:
+    """Whether the LoRA kernel's AMX tile path is on for later calls."""
+    return kernels() is not None and bool(_bound.lora_amx_on())
+
+
+def lora_amx_items() -> int:
+    """Work items the LoRA kernel has run on AMX tiles in this process (tests use it to check
+    that the tile path really runs)."""
+    return int(_bound.lora_amx_items()) if kernels() is not None else 0
 
 
 def set_lora_amx(on: bool) -> bool:
     """Turn the LoRA kernel's AMX tile path on or off for later calls (benchmarks and tests
-    compare the two paths in one process); returns whether it is now on."""
+    compare the two paths in one process; this overrides LORAPLEX_NO_LORA_AMX); returns
+    whether it is now on."""
     return kernels() is not None and bool(_bound.lora_set_amx(on))

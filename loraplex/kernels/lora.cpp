@@ -37,9 +37,9 @@
 // (benchmarks/ab_lora_kernel.py --pairs, Zen 4): 1 adapter 0.65x the time, 8 adapters 0.72x,
 // 32 adapters 0.85x.
 //
-// With AMX-BF16 (Intel Xeon), the pair layout's groups of >= 4 tokens (decode over up to 16
-// adapters in 64 rows, every prefill) run on AMX tiles instead (namespace amx), from the
-// same slots.
+// With AMX-BF16 (Intel Xeon), the pair layout's groups of >= 4 tokens in a call (decode over
+// up to 16 adapters in 64 rows, most prefills; a decode row joins them when its adapter has a
+// prefill in the same step) run on AMX tiles instead (namespace amx), from the same slots.
 // Their sums run in another order, so on such CPUs a row's bits depend on which path its group
 // takes (see namespace amx); everywhere else, and with lora_set_amx(false), a row's result
 // does not depend on the rest of the batch.
@@ -362,7 +362,9 @@ inline void expand(T* y, int64_t ldy, int64_t o0, int64_t on, const W* Bp, int64
 //       (Bt[2q][col], Bt[2q+1][col]) (a row past an odd rank is zero).
 // Same bytes as the plain layout. z = x A^T is summed in float32 and rounded to bf16 once
 // before the expand (as PEFT's bf16 lora_A output is); each lane's sum is a fixed chain of
-// vdpbf16ps over its pairs, so a row's result still does not depend on the rest of the batch.
+// vdpbf16ps over its pairs, so a row's result still does not depend on the rest of the batch
+// (on AMX CPUs with the tile path on, only among the batches where its group takes this path:
+// see namespace amx).
 namespace pairs {
 
 using u32 = uint32_t;
@@ -555,9 +557,11 @@ inline void expand(bf16* y, int64_t ldy, int64_t o0, int64_t on, const u32* Bp, 
 // not in the same order (measured: the two differ in the last bits; the tiles' sums are the
 // closer to exact), so a row's bits depend on which path its group takes: on AMX CPUs, in
 // bf16, a row's result is the same in any batch where its adapter has >= kMinTokens tokens
-// (the tile path) or in any where it has fewer (the vdpbf16ps path), and within a bf16
-// rounding of y between the two (a few elements in 10^4 differ). lora_set_amx(false) turns
-// the tile path off. (The base GEMMs' rounding already depends on the batch's row count.)
+// (the tile path) or in any where it has fewer (the vdpbf16ps path). Between the two, y
+// usually differs by at most its bf16 rounding (a few elements in 10^4 differ); when z's two
+// float32 sums straddle a bf16 rounding boundary, the term moves by about 2^-8 of itself.
+// lora_set_amx(false) turns the tile path off. (The base GEMMs' rounding already depends on
+// the batch's row count.)
 namespace amx {
 
 constexpr int64_t kMinTokens = 4;  // tokens a group needs to take the tile path
@@ -602,6 +606,12 @@ inline Config make_config(int64_t M, int64_t cw, int64_t kt, int64_t qc) {
   return c;
 }
 
+// GCC's tile intrinsics are asm statements that do not declare the memory they read (the
+// config, the rows a tile load reads); ordinary stores into those buffers just before must not
+// be moved past them, which this compiler barrier guarantees (volatile asm alone does in
+// practice, not by contract).
+inline void fence() { asm volatile("" ::: "memory"); }
+
 // One thread's tile state within one call: the config it last loaded. Each call starts with
 // none and releases the tiles at its end, as the other tile users on these threads do at the
 // end of each of theirs (oneDNN's AMX GEMMs; PyTorch's brgemm-based CPU kernels, such as its
@@ -611,6 +621,7 @@ struct Tiles {
   bool loaded = false;
   void use(const Config& c) {
     if (loaded && std::memcmp(&c, &cur, sizeof(Config)) == 0) return;
+    fence();
     _tile_loadconfig(&c);
     cur = c;
     loaded = true;
@@ -623,11 +634,15 @@ struct Tiles {
 // Linux hands a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); without it the first tile instruction kills the process. Asked once;
 // oneDNN asks for the same thing, so ours is usually already granted.
+constexpr int kArchReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
+constexpr int kXfeatureXtiledata = 18;      // XFEATURE_XTILEDATA
 inline bool permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   return ok;
 }
 std::atomic<bool> g_enabled{true};
+// Work items run on the tiles since the process started (tests check the path really runs).
+std::atomic<int64_t> g_items{0};
 
 // A thread's buffers for the tile path, grown as needed and kept across calls.
 struct Scratch {
@@ -646,8 +661,10 @@ inline Scratch& scratch() {
 
 // z[t][0:rp] = A x_t for t < M (xb: the M tokens' rows, contiguous, row stride in); at: A^T
 // pairs [in/2, rp]. `stream`: the first reader of these weights in this call, which prefetches
-// A^T four 32-value chunks ahead (the tile loads stall on memory otherwise: session 16's AMX
-// probe, 8 adapters x 8 tokens, went 6.9 -> 5.6 ms a step with prefetching; RESULTS.md).
+// A^T into L2 four 32-value chunks ahead (the tile loads stall on memory otherwise: session
+// 16's AMX probe, 8 adapters x 8 tokens, went 6.9 -> 5.6 ms a step with prefetching;
+// RESULTS.md). qc: the expand's first pair rows, so that the shrink's last config is the
+// expand's first (one config a shard when rp is 8, 16 or 32).
 inline void shrink(Tiles& tl, float* z, int64_t ldz, const uint32_t* at, int64_t rp,
                    int64_t in, const bf16* xb, int64_t M, int64_t qc, bool stream) {
   const int64_t kfull = in / 32, kt = in % 32, chunk = 16 * rp;  // a chunk: 16 pair rows
@@ -658,7 +675,7 @@ inline void shrink(Tiles& tl, float* z, int64_t ldz, const uint32_t* at, int64_t
     for (int64_t kc = 0; kc < kfull; ++kc) {
       if (stream && c0 == 0) {  // may point past the tensor: prefetches never fault
         const char* ahead = reinterpret_cast<const char*>(at + (kc + 4) * chunk);
-        for (int64_t l = 0; l < rp; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+        for (int64_t l = 0; l < rp; ++l) Vec::prefetch(ahead + 64 * l);
       }
       _tile_loadd(LX_X, xb + kc * 32, in * 2);
       _tile_loadd(LX_A, at + kc * chunk + c0, rp * 4);
@@ -744,6 +761,40 @@ inline void round_z(bf16* zb, int64_t ldzb, const float* z, int64_t ldz, int64_t
     }
 }
 
+// One work item on the tiles: M <= kRows tokens of one group (tok: their rows in x) over the
+// shards [j0, j1) of slot s. shard_at(s, j) gives a shard's A^T and B (as in run()); xt, zb,
+// zf, acc: the thread's scratch (acc only used for ranks above 32).
+template <typename ShardAt>
+void run_item(Tiles& tl, bf16* y, int64_t ldy, const bf16* x, int64_t in, const int64_t* tok,
+              int64_t M, bool stream, int64_t s, int64_t j0, int64_t j1, int64_t nsh,
+              const int64_t* ranks, const int64_t* shard_off, const int64_t* shard_sizes,
+              ShardAt shard_at, int64_t RP, int64_t ldz, bf16* xt, bf16* zb, float* zf,
+              float* acc) {
+  g_items.fetch_add(1, std::memory_order_relaxed);
+  // The rows as one tile operand: in place when consecutive (the runner lays out each
+  // adapter's rows side by side), else gathered.
+  bool consecutive = true;
+  for (int64_t t = 1; t < M; ++t) consecutive = consecutive && tok[t] == tok[0] + t;
+  const bf16* xrows = x + tok[0] * in;
+  if (!consecutive) {
+    for (int64_t t = 0; t < M; ++t) std::memcpy(xt + t * in, x + tok[t] * in, in * sizeof(bf16));
+    xrows = xt;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t r = ranks[s * nsh + j], rp = (r + 7) / 8 * 8;
+    if (r == 0) continue;
+    const auto [a, b] = shard_at(s, j);  // [in/2, rp, 2] and [blocks_j, qn, 32, 2]
+    // cw: the shrink's last pass's rank lanes; the expand starts in that pass's config.
+    const int64_t cw = rp % 16 == 0 ? 16 : 8, qc = std::min<int64_t>(16, (r + 1) / 2);
+    fence();  // the gathered rows, and y's rows written by the previous shard's expand
+    shrink(tl, zf, ldz, reinterpret_cast<const uint32_t*>(a), rp, in, xrows, M, qc, stream);
+    round_z(zb, RP, zf, ldz, rp, M);
+    fence();  // zb, just stored, is read by tile loads
+    expand(tl, y, ldy, shard_off[j], shard_sizes[j], reinterpret_cast<const uint32_t*>(b), r,
+           zb, RP, acc, tok, M, cw, in % 32, stream);
+  }
+}
+
 }  // namespace amx
 #undef LX_Z
 #undef LX_X
@@ -796,30 +847,30 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
   // fewer items than threads (one stream, or a few rows of one adapter) splits its items by
   // shard: shards read their own A and B and write their own columns of y, so they need no
   // synchronization, and a row's result is the same either way.
-  // `n`: the item's tokens (<= kChunk, or <= amx::kRows on the tile path, `tiles`).
+  // `n`: the item's tokens (<= kChunk, or <= amx::kRows on the tile path, `on_tiles`).
   struct Item {
     int64_t g, t0, j0, j1, n;
-    bool tiles;
+    bool on_tiles;
   };
 #ifdef LORAPLEX_LORA_AMX
   const bool amx_on = P && amx::g_enabled.load(std::memory_order_relaxed) && amx::permitted();
   constexpr int64_t kTileMin = amx::kMinTokens, kTileRows = amx::kRows;
 #else
-  const bool amx_on = false;
-  constexpr int64_t kTileMin = 0, kTileRows = kChunk;
+  const bool amx_on = false;  // (the two constants below are then never used)
+  constexpr int64_t kTileMin = 1, kTileRows = kChunk;
 #endif
   std::vector<Item> items;
   for (int64_t g = 0; g < G; ++g) {
-    const bool tiles = amx_on && of[g + 1] - of[g] >= kTileMin;
-    const int64_t step = tiles ? kTileRows : kChunk;
+    const bool on_tiles = amx_on && of[g + 1] - of[g] >= kTileMin;
+    const int64_t step = on_tiles ? kTileRows : kChunk;
     for (int64_t t = of[g]; t < of[g + 1]; t += step)
-      items.push_back({g, t, 0, nsh, std::min(step, of[g + 1] - t), tiles});
+      items.push_back({g, t, 0, nsh, std::min(step, of[g + 1] - t), on_tiles});
   }
   if (nsh > 1 && static_cast<int64_t>(items.size()) < at::get_num_threads()) {
     std::vector<Item> split;
     for (const Item& item : items)
       for (int64_t j = 0; j < nsh; ++j)
-        split.push_back({item.g, item.t0, j, j + 1, item.n, item.tiles});
+        split.push_back({item.g, item.t0, j, j + 1, item.n, item.on_tiles});
     items.swap(split);
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -865,50 +916,32 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& ap, const at::Ten
     // The tile path's buffers: its rows of x gathered (row stride in), z rounded to bf16, and
     // the float32 sums of y's columns of one shard.
     // Kept per thread across calls, uninitialized: zeroing ~100 KB per call and thread cost
-    // ~1 ms a decode step.
-    amx::Tiles tiles;
+    // ~1 ms a decode step. acc (float32 sums of a shard's y columns) only for ranks above 32.
+    amx::Tiles tile_state;
     bf16 *xt = nullptr, *zt = nullptr;
     float *zf = nullptr, *yacc = nullptr;
     if (amx_on) {
-      int64_t widest = 0;
-      for (int64_t j = 0; j < nsh; ++j) widest = std::max(widest, blk_off[j + 1] - blk_off[j]);
       amx::Scratch& sc = amx::scratch();
       xt = sc.get(sc.x, amx::kRows * in);
       zt = sc.get(sc.zb, amx::kRows * RP);
       zf = sc.get(sc.z, amx::kRows * ldz);
-      yacc = sc.get(sc.acc, amx::kRows * widest * 32);
+      if (RP > 32) {
+        int64_t widest = 0;
+        for (int64_t j = 0; j < nsh; ++j) widest = std::max(widest, blk_off[j + 1] - blk_off[j]);
+        yacc = sc.get(sc.acc, amx::kRows * widest * 32);
+      }
     }
 #endif
     for (int64_t it = begin; it < end; ++it) {
 #ifdef LORAPLEX_LORA_AMX
-      if constexpr (P) if (items[it].tiles) {
-        const Item& item = items[it];
-        const int64_t M = item.n, s = sl[item.g];
-        const int64_t* tok = tk + item.t0;
-        const bool stream = item.t0 == of[item.g];
-        // The rows as one tile operand: in place when consecutive (the runner lays out each
-        // adapter's rows side by side), else gathered.
-        const bf16* xrows = xp + tok[0] * in;
-        if (tok[M - 1] - tok[0] != M - 1 || !std::is_sorted(tok, tok + M)) {
-          for (int64_t t = 0; t < M; ++t)
-            std::memcpy(xt + t * in, xp + tok[t] * in, in * sizeof(bf16));
-          xrows = xt;
+      if constexpr (P) {
+        if (items[it].on_tiles) {
+          const Item& item = items[it];
+          amx::run_item(tile_state, yp, out, xp, in, tk + item.t0, item.n, item.t0 == of[item.g],
+                        sl[item.g], item.j0, item.j1, nsh, rk, shard_off.data(), ss, shard_at,
+                        RP, ldz, xt, zt, zf, yacc);
+          continue;
         }
-        for (int64_t j = item.j0; j < item.j1; ++j) {
-          const int64_t r = rk[s * nsh + j], rp = (r + 7) / 8 * 8;
-          if (r == 0) continue;
-          const auto [a, b] = shard_at(s, j);  // [in/2, rp, 2] and [blocks_j, qn, 32, 2]
-          // One tile config serves a shard's shrink and expand when its rank is <= 32 and a
-          // multiple of 16 or below it (cw: the last shrink pass's rank lanes; qc: the
-          // expand's first pair rows).
-          const int64_t cw = rp % 16 == 0 ? 16 : 8, qc = std::min<int64_t>(16, (r + 1) / 2);
-          amx::shrink(tiles, zf, ldz, reinterpret_cast<const uint32_t*>(a), rp, in, xrows, M, qc,
-                      stream);
-          amx::round_z(zt, RP, zf, ldz, rp, M);
-          amx::expand(tiles, yp, out, shard_off[j], ss[j], reinterpret_cast<const uint32_t*>(b),
-                      r, zt, RP, yacc, tok, M, cw, in % 32, stream);
-        }
-        continue;
       }
 #endif
       if constexpr (kPairItems) {
@@ -1016,6 +1049,24 @@ bool lora_amx_supported() {
 #endif
 }
 
+// Whether the tile path is on for later calls (supported and not turned off).
+bool lora_amx_on() {
+#ifdef LORAPLEX_LORA_AMX
+  return amx::g_enabled.load() && amx::permitted();
+#else
+  return false;
+#endif
+}
+
+// Work items run on the tiles since the process started (for tests: the path really runs).
+int64_t lora_amx_items() {
+#ifdef LORAPLEX_LORA_AMX
+  return amx::g_items.load();
+#else
+  return 0;
+#endif
+}
+
 // Turns the tile path on or off for later calls (on by default where supported); returns
 // whether it is now on.
 bool lora_set_amx(bool on) {
@@ -1083,6 +1134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("offsets"), pybind11::arg("slots"), pybind11::arg("pairs") = false);
   m.def("lora_amx_supported", &lora_amx_supported,
         "whether the bf16 pair layout can run groups of >= 4 tokens on AMX tiles here");
+  m.def("lora_amx_on", &lora_amx_on, "whether the AMX tile path is on for later calls");
+  m.def("lora_amx_items", &lora_amx_items, "work items run on AMX tiles since the start");
   m.def("lora_set_amx", &lora_set_amx, pybind11::arg("on"),
         "turn the AMX tile path on or off; returns whether it is on");
   m.def("lora_pairs_supported", &lora_pairs_supported,
