@@ -583,28 +583,11 @@ struct alignas(64) Config {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-};
-
-// M token rows; shrink: cw rank lanes (16 or 8), kt tail values (in % 32, even, 0 = none);
-// expand: qc pair rows of z per tile multiply (<= 16).
-inline Config make_config(int64_t M, int64_t cw, int64_t kt, int64_t qc) {
-  Config c;
-  auto set = [&](int t, int64_t rows, int64_t colsb) {
-    c.rows[t] = static_cast<uint8_t>(rows);
-    c.colsb[t] = static_cast<uint16_t>(colsb);
-  };
-  set(LX_Z, M, 4 * cw);
-  set(LX_X, M, 64);
-  set(LX_A, 16, 4 * cw);
-  if (kt > 0) {
-    set(LX_XT, M, 2 * kt);
-    set(LX_AT, kt / 2, 4 * cw);
+  void set(int t, int64_t r, int64_t cb) {
+    rows[t] = static_cast<uint8_t>(r);
+    colsb[t] = static_cast<uint16_t>(cb);
   }
-  set(LX_ZB, M, 4 * qc);
-  set(LX_B, qc, 64);
-  set(LX_Y, M, 64);
-  return c;
-}
+};
 
 // GCC's tile intrinsics are asm statements that do not declare the memory they read (the
 // config, the rows a tile load reads); ordinary stores into those buffers just before must not
@@ -616,6 +599,10 @@ inline void fence() { asm volatile("" ::: "memory"); }
 // none and releases the tiles at its end, as the other tile users on these threads do at the
 // end of each of theirs (oneDNN's AMX GEMMs; PyTorch's brgemm-based CPU kernels, such as its
 // flash attention, call brgemm_release, which also forgets the config they cached).
+// The shrink's and the expand's tiles are set apart, each keeping the other's as they are,
+// so a shard's shrink and expand share one config whenever their shapes repeat (two loads a
+// call and thread when every shard has the same rank, as in SmolLM2's adapters: the first
+// shrink's, then that plus the first expand's).
 struct Tiles {
   Config cur;
   bool loaded = false;
@@ -625,6 +612,24 @@ struct Tiles {
     _tile_loadconfig(&c);
     cur = c;
     loaded = true;
+  }
+  // M token rows, cw rank lanes (16 or 8), kt tail values (in % 32, even; 0 = none).
+  void shrink_shape(int64_t M, int64_t cw, int64_t kt) {
+    Config c = cur;
+    c.set(LX_Z, M, 4 * cw);
+    c.set(LX_X, M, 64);
+    c.set(LX_A, 16, 4 * cw);
+    c.set(LX_XT, kt > 0 ? M : 0, 2 * kt);
+    c.set(LX_AT, kt / 2, kt > 0 ? 4 * cw : 0);
+    use(c);
+  }
+  // M token rows, qc pair rows of z per tile multiply (<= 16).
+  void expand_shape(int64_t M, int64_t qc) {
+    Config c = cur;
+    c.set(LX_ZB, M, 4 * qc);
+    c.set(LX_B, qc, 64);
+    c.set(LX_Y, M, 64);
+    use(c);
   }
   ~Tiles() {
     if (loaded) _tile_release();
@@ -663,14 +668,13 @@ inline Scratch& scratch() {
 // pairs [in/2, rp]. `stream`: the first reader of these weights in this call, which prefetches
 // A^T into L2 four 32-value chunks ahead (the tile loads stall on memory otherwise: session
 // 16's AMX probe, 8 adapters x 8 tokens, went 6.9 -> 5.6 ms a step with prefetching;
-// RESULTS.md). qc: the expand's first pair rows, so that the shrink's last config is the
-// expand's first (one config a shard when rp is 8, 16 or 32).
+// RESULTS.md).
 inline void shrink(Tiles& tl, float* z, int64_t ldz, const uint32_t* at, int64_t rp,
-                   int64_t in, const bf16* xb, int64_t M, int64_t qc, bool stream) {
+                   int64_t in, const bf16* xb, int64_t M, bool stream) {
   const int64_t kfull = in / 32, kt = in % 32, chunk = 16 * rp;  // a chunk: 16 pair rows
   for (int64_t c0 = 0; c0 < rp; c0 += 16) {
     const int64_t cw = std::min<int64_t>(16, rp - c0);  // 16 or 8 (rp is a multiple of 8)
-    tl.use(make_config(M, cw, kt, qc));
+    tl.shrink_shape(M, cw, kt);
     _tile_zero(LX_Z);
     for (int64_t kc = 0; kc < kfull; ++kc) {
       if (stream && c0 == 0) {  // may point past the tensor: prefetches never fault
@@ -711,13 +715,13 @@ inline void add_rows(bf16* y, int64_t ldy, int64_t o0, const int64_t* tok, int64
 // before y is added to.
 inline void expand(Tiles& tl, bf16* y, int64_t ldy, int64_t o0, int64_t on, const uint32_t* Bp,
                    int64_t r, const bf16* zb, int64_t ldzb, float* acc, const int64_t* tok,
-                   int64_t M, int64_t cw, int64_t kt, bool stream) {
+                   int64_t M, bool stream) {
   const int64_t nblk = (on + 31) / 32, qn = (r + 1) / 2, blk = qn * 32, lda = nblk * 32;
   const bool one = qn <= 16;
   alignas(64) float d[16 * 16];
   for (int64_t q0 = 0; q0 < qn; q0 += 16) {
     const int64_t qc = std::min<int64_t>(16, qn - q0);
-    tl.use(make_config(M, cw, kt, qc));  // a new qc reloads the config: acc carries the sums
+    tl.expand_shape(M, qc);  // a new qc reloads the config: acc carries the sums
     _tile_loadd(LX_ZB, zb + 2 * q0, ldzb * 2);
     for (int64_t c = 0; c < nblk; ++c) {
       const uint32_t* b = Bp + c * blk + q0 * 32;
@@ -784,14 +788,12 @@ void run_item(Tiles& tl, bf16* y, int64_t ldy, const bf16* x, int64_t in, const 
     const int64_t r = ranks[s * nsh + j], rp = (r + 7) / 8 * 8;
     if (r == 0) continue;
     const auto [a, b] = shard_at(s, j);  // [in/2, rp, 2] and [blocks_j, qn, 32, 2]
-    // cw: the shrink's last pass's rank lanes; the expand starts in that pass's config.
-    const int64_t cw = rp % 16 == 0 ? 16 : 8, qc = std::min<int64_t>(16, (r + 1) / 2);
     fence();  // the gathered rows, and y's rows written by the previous shard's expand
-    shrink(tl, zf, ldz, reinterpret_cast<const uint32_t*>(a), rp, in, xrows, M, qc, stream);
+    shrink(tl, zf, ldz, reinterpret_cast<const uint32_t*>(a), rp, in, xrows, M, stream);
     round_z(zb, RP, zf, ldz, rp, M);
     fence();  // zb, just stored, is read by tile loads
     expand(tl, y, ldy, shard_off[j], shard_sizes[j], reinterpret_cast<const uint32_t*>(b), r,
-           zb, RP, acc, tok, M, cw, in % 32, stream);
+           zb, RP, acc, tok, M, stream);
   }
 }
 
