@@ -193,3 +193,51 @@ def run_all(built) -> None:
     test_silu_mul_matches_torch()
     test_fused_ops_bf16_match_torch_bf16()
     test_argmax_rows_matches_torch()
+
+
+def test_a_stale_build_lock_is_cleared_and_a_live_build_waited_for():
+    """A kernel build killed mid-way leaves torch's `lock` file in the build folder, on which
+    every later start used to wait forever. Here a stale `lock` sits in the real build folder
+    while this process holds the folder's flock, as a live builder would: a fresh process
+    must say it waits, then, once the flock is free, clear the stale file, load the kernels
+    and exit."""
+    import fcntl
+    import subprocess
+    import sys
+    import threading
+
+    from loraplex.kernels import cpu_tag
+    from loraplex.model.gguf_convert import cache_root
+
+    build = cache_root() / "kernels" / cpu_tag()
+    stale = build / "lock"
+    assert not stale.exists(), f"{stale} exists: another build is running, or a stale lock"
+    code = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
+            "from loraplex.kernels import kernels; sys.exit(0 if kernels() is not None else 3)")
+    lines: list[str] = []
+    seen_wait = threading.Event()
+
+    def read(stream) -> None:
+        for line in stream:
+            lines.append(line)
+            if "waiting for another process" in line:
+                seen_wait.set()
+
+    with open(build / "build.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale.touch()
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        reader = threading.Thread(target=read, args=(proc.stderr,), daemon=True)
+        reader.start()
+        try:
+            assert seen_wait.wait(120), f"no waiting message: {lines}"
+            assert proc.poll() is None, "the process did not wait for the live build"
+            fcntl.flock(held, fcntl.LOCK_UN)
+            assert proc.wait(120) == 0, "".join(lines)
+        finally:
+            proc.kill()
+            stale.unlink(missing_ok=True)
+    reader.join(10)
+    log = "".join(lines)
+    assert "removing a stale kernel build lock" in log, log
+    assert not stale.exists()

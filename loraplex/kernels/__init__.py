@@ -4,11 +4,14 @@ once on the log): the kernels are an optimization, never a requirement."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,44 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """Hold the build folder's lock for one build-or-load of the kernels, and clear what an
+    interrupted build left behind.
+
+    torch's extension builder guards a folder with a plain `lock` file and waits, forever and
+    silently, while that file exists; a build killed mid-way (Ctrl-C, OOM, a CI timeout)
+    leaves it behind, and every later start then hangs. So every loraplex process first takes
+    an advisory lock (`flock`) on `build.flock` in the same folder: the kernel drops it when
+    its holder dies, however it dies. A process that holds it knows no other loraplex process
+    is building here, so a `lock` file it then finds is stale: it says so and removes it. A
+    process that finds the flock taken says that it is waiting for another build."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(build / "build.flock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process that is building the C++ kernels in %s",
+                        build)
+            t0 = time.monotonic()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log.warning("the other kernel build finished after %.0f s of waiting",
+                        time.monotonic() - t0)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing a stale kernel build lock %s: a build was interrupted "
+                            "and no process holds the folder", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def kernels():
     """The compiled ops (torch.ops.loraplex), or None when they cannot be built here."""
     global _module, _bound, _failed
@@ -63,10 +104,18 @@ def kernels():
             srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp")]
             import torch
 
-            _bound = load(name="loraplex_kernels", sources=srcs,
-                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                          extra_ldflags=["-fopenmp"],
-                          build_directory=str(build), verbose=False, is_python_module=True)
+            with build_lock(build):
+                if not (build / "loraplex_kernels.so").exists():
+                    log.warning("compiling the C++ kernels for this CPU into %s (first run "
+                                "only; about a minute)", build)
+                t0 = time.monotonic()
+                _bound = load(name="loraplex_kernels", sources=srcs,
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"],
+                              build_directory=str(build), verbose=False,
+                              is_python_module=True)
+                if time.monotonic() - t0 > 10:
+                    log.warning("built the C++ kernels in %.0f s", time.monotonic() - t0)
             _module = torch.ops.loraplex
             if os.environ.get("LORAPLEX_NO_LORA_AMX"):
                 _bound.lora_set_amx(False)
