@@ -12,7 +12,9 @@ them, for our kernel and a plain torch read alike), which the bandwidth floor do
 Four sides, each a steady decode step of `--requests` requests, interleaved step by step in
 rotating order: the base (an engine decoding them without adapters), the kernel (a second
 engine decoding them over k adapters), read-only (that second engine with its LoRA op swapped
-for the read) and no-op (its LoRA op swapped for a call that does nothing). Prints per k the
+for the read) and no-op (its LoRA op swapped for a call that does nothing). Each timed step
+follows an untimed one of the same side, as a serving engine's steps follow each other (see
+decode_sides). Prints per k the
 median step times, each LoRA side's extra over the base, that extra over the bandwidth floor,
 and kernel extra / read-only extra.
 
@@ -147,12 +149,20 @@ def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
                  take_bytes_read, expect_bytes: int, plain_llm=None) -> dict:
     """Steady decode: the base engine on the requests, the LoRA engine on them over `names`
     with each of `ops` (side name -> LoRA op) in turn, and `plain_llm` (if given: the "plain"
-    side) on its own copy of them over `names`: `steps` rounds of one step per side, in
-    rotating order. Returns side -> step times (s), round by round."""
+    side) on its own copy of them over `names`: `steps` rounds of one timed step per side, in
+    rotating order. Returns side -> step times (s), round by round.
+
+    Each timed step follows an untimed step of the same engine with the same op, as a serving
+    engine's steps follow each other: the caches then hold what that side's previous step left.
+    (Until session 18 each side was timed right after the previous side's step: the kernel side
+    always after the base engine's step, the read, no-op and --before/--amx sides after a step
+    of the LoRA engine itself, which favoured them by 1-3 ms a step; the no-op side came out
+    faster than the base. An A/A run, --before HEAD on an unchanged tree, gave now / then
+    1.022 and 1.049 on the Intel AMX VM.)"""
     from loraplex import SamplingParams
 
     n_lora = len(ops)
-    sp = SamplingParams(temperature=0, max_tokens=n_lora * steps + 8, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=2 * n_lora * steps + 8, ignore_eos=True)
     own = [("base", base_llm, None), ("lora", lora_llm, names)]
     if plain_llm is not None:
         own.append(("plain", plain_llm, names))
@@ -172,19 +182,21 @@ def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
     sides = ["base", *ops, *(["plain"] if plain_llm is not None else [])]
     times = {side: [] for side in sides}
     # Every LoRA side decodes one token per request a step (the read and no-op sides' tokens
-    # differ: no deltas), so they share the LoRA engine's requests, and it takes n_lora steps a
-    # round. The base (and plain) engines take n_lora - 1 untimed steps after their timed one,
-    # so every engine's sequences (and their attention cost) grow alike.
+    # differ: no deltas), so they share the LoRA engine's requests, and it takes 2 n_lora steps
+    # a round (a warm-up and a timed one per side). The base (and plain) engines take
+    # 2 (n_lora - 1) untimed steps after their timed one, so every engine's sequences (and
+    # their attention cost) grow alike.
     for s in range(steps):
         for side in sides[s % len(sides):] + sides[:s % len(sides)]:
             alone = side in ("base", "plain")  # an engine of its own
             eng = runs[side if alone else "lora"][0]
             if not alone:
                 runner.lora_kernel = ops[side]
+            eng.step()  # the step before the timed one: the same engine and op
             t0 = time.perf_counter()
             eng.step()
             times[side].append(time.perf_counter() - t0)
-            for _ in range(n_lora - 1 if alone else 0):
+            for _ in range(2 * (n_lora - 1) if alone else 0):
                 eng.step()
     runner.lora_kernel = kernel
     for eng, rids in runs.values():
