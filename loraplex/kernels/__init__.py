@@ -71,6 +71,11 @@ def build_lock(build: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX)
             log.warning("the other kernel build finished after %.0f s of waiting",
                         time.monotonic() - t0)
+        except OSError as e:  # a file system without flock (some NFS mounts): torch's lock only
+            log.warning("cannot lock %s (%s): a stale kernel build lock there would not be "
+                        "detected", build, e)
+            yield
+            return
         try:
             stale = build / "lock"
             if stale.exists():
