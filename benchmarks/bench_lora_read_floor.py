@@ -199,7 +199,12 @@ def decode_sides(base_llm, lora_llm, ops: dict, prompts, names, steps: int,
             for _ in range(2 * (n_lora - 1) if alone else 0):
                 eng.step()
     runner.lora_kernel = kernel
-    for eng, rids in runs.values():
+    for side, (eng, rids) in runs.items():
+        # a preempted request recomputes its prefill inside a timed step: the KV cache must
+        # hold every request to the end (more --steps or sides need more of it)
+        if eng.scheduler.num_preemptions:
+            raise SystemExit(f"the {side} engine preempted requests mid-measurement; use "
+                             "fewer --steps")
         stop_decoding(eng, rids)
     return times
 
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30,
-                    help="rounds of steps (one per side) per engine pass")
+                    help="rounds per engine pass: one timed step per side, each after an "
+                         "untimed one")
     ap.add_argument("--passes", type=int, default=4,
                     help="engine passes per k, the two engines swapping roles")
     ap.add_argument("--dtype", default="float32")
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         times = {side: [t for p in passes for t in p[side]] for side in passes[0]}
         floor = distinct * adapter_bytes / (bw * 1e9)
         # Each side's extra over the base: per pass, the median of its per-round differences
-        # (a round's steps are ~1 s apart, so its difference is immune to slower drifts), then
+        # (a round's steps are 1-2 s apart, so its difference is immune to slower drifts), then
         # the mean over passes, in which each engine is the base engine as often as the LoRA
         # one (a pass's difference carries the two engines' placement).
         extra = {side: sum(median([t - b for t, b in zip(p[side], p["base"])]) for p in passes)

@@ -5,6 +5,8 @@ bfloat16 versions against the model's torch expressions in bfloat16 (same roundi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,49 +197,107 @@ def run_all(built) -> None:
     test_argmax_rows_matches_torch()
 
 
-def test_a_stale_build_lock_is_cleared_and_a_live_build_waited_for():
-    """A kernel build killed mid-way leaves torch's `lock` file in the build folder, on which
-    every later start used to wait forever. Here a stale `lock` sits in the real build folder
-    while this process holds the folder's flock, as a live builder would: a fresh process
-    must say it waits, then, once the flock is free, clear the stale file, load the kernels
-    and exit."""
-    import fcntl
+
+_HOLD_LOCK = """
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.WARNING)
+from loraplex.kernels import build_lock
+with build_lock(Path(sys.argv[1]), wait_note_s=0.3):
+    print("IN", flush=True)
+"""
+
+
+def _start_holder(folder):
+    """A fresh process that takes the build folder's lock (as kernels() does around torch's
+    build) and exits; returns it and a list its stderr lines land in, with an event set on
+    each line."""
     import subprocess
     import sys
     import threading
 
-    from loraplex.kernels import cpu_tag
-    from loraplex.model.gguf_convert import cache_root
-
-    build = cache_root() / "kernels" / cpu_tag()
-    stale = build / "lock"
-    assert not stale.exists(), f"{stale} exists: another build is running, or a stale lock"
-    code = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
-            "from loraplex.kernels import kernels; sys.exit(0 if kernels() is not None else 3)")
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
-    seen_wait = threading.Event()
+    got = threading.Event()
 
-    def read(stream) -> None:
-        for line in stream:
+    def read() -> None:
+        for line in proc.stderr:
             lines.append(line)
-            if "waiting for another process" in line:
-                seen_wait.set()
+            got.set()
 
-    with open(build / "build.flock", "a") as held:
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines, got
+
+
+def _wait_for(lines: list[str], text: str, timeout: float = 60) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(text in line for line in lines):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stale_build_lock_is_cleared_and_a_live_build_waited_for(tmp_path):
+    """A kernel build killed mid-way leaves torch's `lock` file in the build folder, on which
+    every later start used to wait forever. Here a stale `lock` sits in a build folder while
+    this process holds the folder's flock, as a live builder would: a fresh process must say
+    it waits and leave the `lock` alone, then, once the flock is free, clear it and go on."""
+    fcntl = pytest.importorskip("fcntl")
+    stale = tmp_path / "lock"
+    with open(tmp_path / "build.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         stale.touch()
-        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-        reader = threading.Thread(target=read, args=(proc.stderr,), daemon=True)
-        reader.start()
-        try:
-            assert seen_wait.wait(120), f"no waiting message: {lines}"
-            assert proc.poll() is None, "the process did not wait for the live build"
-            fcntl.flock(held, fcntl.LOCK_UN)
-            assert proc.wait(120) == 0, "".join(lines)
-        finally:
-            proc.kill()
-            stale.unlink(missing_ok=True)
-    reader.join(10)
-    log = "".join(lines)
-    assert "removing a stale kernel build lock" in log, log
+        proc, lines, _ = _start_holder(tmp_path)
+        with proc:
+            try:
+                assert _wait_for(lines, "waiting for another process"), lines
+                assert proc.poll() is None, "the process did not wait for the live holder"
+                assert stale.exists(), "the lock was removed while a live holder held the folder"
+                fcntl.flock(held, fcntl.LOCK_UN)
+                out, _ = proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+    assert proc.returncode == 0, "".join(lines)
+    assert out.strip() == "IN"
+    assert _wait_for(lines, "removing a stale kernel build lock", 5), lines
     assert not stale.exists()
+
+
+def test_a_stale_build_lock_waits_for_an_orphaned_compiler(tmp_path):
+    """A build whose Python process was killed can leave its compiler running in the folder:
+    the stale `lock` is cleared only once that process is gone (a second ninja beside it could
+    tear the library). A copy of `sleep` named `ninja` plays the orphan."""
+    import shutil
+    import subprocess
+    import time
+
+    pytest.importorskip("fcntl")
+    if not Path("/proc/self/cwd").exists():
+        pytest.skip("no /proc here")
+    sleep = shutil.which("sleep")
+    if sleep is None:
+        pytest.skip("no sleep binary")
+    fake = tmp_path / "tools" / "ninja"
+    fake.parent.mkdir()
+    shutil.copy(sleep, fake)
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "lock").touch()
+    with subprocess.Popen([str(fake), "3"], cwd=build) as orphan:
+        t0 = time.monotonic()
+        proc, lines, _ = _start_holder(build)
+        with proc:
+            try:
+                assert _wait_for(lines, "still work in that folder"), lines
+                assert (build / "lock").exists()
+                proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+        assert orphan.poll() is not None, "the lock was cleared while the orphan still ran"
+    assert proc.returncode == 0, "".join(lines)
+    assert time.monotonic() - t0 >= 2.5
+    assert not (build / "lock").exists()

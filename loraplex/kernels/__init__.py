@@ -44,47 +44,106 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
+# What a kernel build runs: torch starts ninja in the build folder, and the compiler driver,
+# its passes and the linker inherit that working folder.
+_BUILD_TOOLS = frozenset({"ninja", "c++", "g++", "gcc", "cc", "cc1plus", "as", "ld", "collect2",
+                          "clang", "clang++"})
+
+
+def _building_in(folder: Path) -> list[int]:
+    """Ids of this user's build tools (ninja, compilers, linker) working in `folder` (Linux
+    /proc; empty elsewhere). Other processes there, such as a shell, do not count."""
+    pids = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return pids
+    target = str(folder.resolve())
+    for e in entries:
+        if e.name.isdigit() and int(e.name) != os.getpid():
+            try:
+                if (os.readlink(e / "cwd") == target
+                        and (e / "comm").read_text().strip() in _BUILD_TOOLS):
+                    pids.append(int(e.name))
+            except OSError:  # gone, or another user's
+                pass
+    return pids
+
+
 @contextlib.contextmanager
-def build_lock(build: Path) -> Iterator[None]:
+def build_lock(build: Path, wait_note_s: float = 2.0) -> Iterator[None]:
     """Hold the build folder's lock for one build-or-load of the kernels, and clear what an
     interrupted build left behind.
 
     torch's extension builder guards a folder with a plain `lock` file and waits, forever and
-    silently, while that file exists; a build killed mid-way (Ctrl-C, OOM, a CI timeout)
-    leaves it behind, and every later start then hangs. So every loraplex process first takes
-    an advisory lock (`flock`) on `build.flock` in the same folder: the kernel drops it when
-    its holder dies, however it dies. A process that holds it knows no other loraplex process
-    is building here, so a `lock` file it then finds is stale: it says so and removes it. A
-    process that finds the flock taken says that it is waiting for another build."""
+    silently, while that file exists; a build killed mid-way (kill -9, the OOM killer, a CI
+    timeout's SIGKILL) leaves it behind, and every later start then hangs. So every loraplex
+    process first takes an advisory lock (`flock`) on `build.flock` in the same folder, which
+    the OS drops when its holder dies, however it dies. Holding it, a process knows no other
+    loraplex process is building here; a `lock` file it then finds is stale once no process
+    still works in the folder (a compiler orphaned by a killed build runs on: it is waited
+    for), and it says so and removes it. A process that waits for the flock longer than
+    `wait_note_s` says so.
+
+    Limits: a loraplex version without this lock, or a flock that is local to each host (some
+    NFS mounts) while the cache folder is shared between hosts of the same CPU kind, can make a
+    live `lock` look stale. Where flock is not available, torch's lock alone guards the
+    folder."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's own lock alone
-        yield
-        return
+        fcntl = None
     with open(build / "build.flock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("waiting for another process that is building the C++ kernels in %s",
-                        build)
-            t0 = time.monotonic()
-            fcntl.flock(f, fcntl.LOCK_EX)
-            log.warning("the other kernel build finished after %.0f s of waiting",
-                        time.monotonic() - t0)
-        except OSError as e:  # a file system without flock (some NFS mounts): torch's lock only
-            log.warning("cannot lock %s (%s): a stale kernel build lock there would not be "
-                        "detected", build, e)
-            yield
-            return
+        locked = False
+        if fcntl is not None:
+            try:
+                locked = _take_flock(fcntl, f, build, wait_note_s)
+            except OSError as e:  # a file system without flock (some NFS mounts)
+                log.warning("cannot lock %s (%s): a stale kernel build lock there would not "
+                            "be detected", build, e)
         try:
             stale = build / "lock"
-            if stale.exists():
-                log.warning("removing a stale kernel build lock %s: a build was interrupted "
-                            "and no process holds the folder", stale)
-                stale.unlink(missing_ok=True)
+            if locked and stale.exists():
+                _clear_stale(stale, build)
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _take_flock(fcntl, f, build: Path, wait_note_s: float) -> bool:
+    """Take the exclusive flock, saying so if another process holds it for long."""
+    t0, noted = time.monotonic(), False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not noted and time.monotonic() - t0 > wait_note_s:
+                log.warning("waiting for another process that is building or loading the C++ "
+                            "kernels in %s", build)
+                noted = True
+            time.sleep(0.1)
+    if noted:
+        log.warning("the other process let the kernel folder go after %.0f s",
+                    time.monotonic() - t0)
+    return True
+
+
+def _clear_stale(stale: Path, build: Path) -> None:
+    """Remove torch's `lock` left by an interrupted build, once no process works in the
+    folder (an orphaned ninja or compiler finishes first)."""
+    busy = _building_in(build)
+    if busy:
+        log.warning("a kernel build lock %s has no live loraplex owner, but build tools %s "
+                    "still work in that folder (from an interrupted build): waiting for them",
+                    stale, busy)
+        while _building_in(build):
+            time.sleep(0.2)
+    if stale.exists():
+        log.warning("removing a stale kernel build lock %s: a build was interrupted and no "
+                    "process holds the folder", stale)
+        stale.unlink(missing_ok=True)
 
 
 def kernels():
@@ -110,7 +169,9 @@ def kernels():
             import torch
 
             with build_lock(build):
-                if not (build / "loraplex_kernels.so").exists():
+                so = build / "loraplex_kernels.so"
+                before = so.stat().st_mtime_ns if so.exists() else None
+                if before is None:
                     log.warning("compiling the C++ kernels for this CPU into %s (first run "
                                 "only; about a minute)", build)
                 t0 = time.monotonic()
@@ -119,7 +180,7 @@ def kernels():
                               extra_ldflags=["-fopenmp"],
                               build_directory=str(build), verbose=False,
                               is_python_module=True)
-                if time.monotonic() - t0 > 10:
+                if so.exists() and so.stat().st_mtime_ns != before:
                     log.warning("built the C++ kernels in %.0f s", time.monotonic() - t0)
             _module = torch.ops.loraplex
             if os.environ.get("LORAPLEX_NO_LORA_AMX"):
