@@ -27,8 +27,11 @@ in the engine, paired step by step with the current kernel.
 
 --plain (bf16 model and adapters on a CPU with AVX512-BF16, where the engine uses the kernel's
 pair layout) adds a third engine built with the plain layout (LORAPLEX_NO_LORA_PAIRS) as a
-fifth side, so the two layouts are measured in the engine, step by step. Its engine decodes its
-own copy of the requests, taking as many steps a round as the others.
+fifth side, so the two layouts are measured in the engine, step by step. Its engine decodes
+its own copy of the requests, taking as many steps a round as the others. Caution (session
+18): the third engine is built last and never swaps roles, and on the Intel AMX VM the
+last-built of identical engines ran its GEMMs up to 13% faster (probe_engine_order.py); an
+A/A third engine came out 6-17% faster than the kernel side. Its figures favour it.
 
 --amx (bf16 on a CPU with AMX-BF16) adds a side running the same kernel with its AMX tile path
 off (lora.cpp's namespace amx), switched call by call, so the tile path is measured in the

@@ -258,7 +258,8 @@ def test_a_stale_build_lock_is_cleared_and_a_live_build_waited_for(tmp_path):
                 assert proc.poll() is None, "the process did not wait for the live holder"
                 assert stale.exists(), "the lock was removed while a live holder held the folder"
                 fcntl.flock(held, fcntl.LOCK_UN)
-                out, _ = proc.communicate(timeout=60)
+                proc.wait(60)  # not communicate(): the reader thread owns stderr
+                out = proc.stdout.read()
             finally:
                 proc.kill()
     assert proc.returncode == 0, "".join(lines)
@@ -294,7 +295,7 @@ def test_a_stale_build_lock_waits_for_an_orphaned_compiler(tmp_path):
             try:
                 assert _wait_for(lines, "still work in that folder"), lines
                 assert (build / "lock").exists()
-                proc.communicate(timeout=60)
+                proc.wait(60)
             finally:
                 proc.kill()
         assert orphan.poll() is not None, "the lock was cleared while the orphan still ran"
