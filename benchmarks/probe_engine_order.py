@@ -3,10 +3,11 @@
 Builds `--engines` identical engines on the embedded SmolLM2 (bf16 by default), one after the
 other, and times each engine's packed base GEMMs (the 120 projections, then lm_head) on the same
 random activations, engines in rotating order, `--reps` rounds. Prints each engine's median and
-its round-by-round ratio to the first-built engine. Benchmarks that compare two engines (the
-steady-decode pairs of bench_lora.py, bench_lora_read_floor.py) swap their roles to cancel such
-differences; a third engine that never swaps (bench_lora_read_floor.py --plain) is not
-protected by that.
+its round-by-round ratio to the first-built engine. First, as a yardstick, the read bandwidth of
+eight 256 MB buffers allocated one after the other (is memory obtained earlier slower?).
+Benchmarks that compare two engines (the steady-decode pairs of bench_lora.py,
+bench_lora_read_floor.py) swap their roles to cancel such differences; a third engine that
+never swaps (bench_lora_read_floor.py --plain) is not protected by that.
 
     python benchmarks/probe_engine_order.py [--engines 3] [--reps 30] [--dtype bfloat16]
 """
@@ -48,6 +49,20 @@ def time_engine(mods: list, head: torch.Tensor, xs: dict, hidden: int) -> tuple[
     return t1 - t0, time.perf_counter() - t1
 
 
+def buffer_bandwidths(n: int = 8, mb: int = 256, rounds: int = 12) -> list[float]:
+    """Read bandwidth (GB/s, median of rounds) of `n` float32 buffers of `mb` MB each,
+    allocated one after the other and summed in rotating order: whether memory obtained at
+    different times reads at the same speed."""
+    bufs = [torch.ones(mb << 18) for _ in range(n)]
+    times: list[list[float]] = [[] for _ in bufs]
+    for r in range(rounds):
+        for i in [(r + j) % n for j in range(n)]:
+            t0 = time.perf_counter()
+            bufs[i].sum()
+            times[i].append(time.perf_counter() - t0)
+    return [mb * 1.048576e-3 / statistics.median(t) for t in times]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", type=int, default=3)
@@ -60,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.model.gguf_convert import converted_folder, embedded_gguf_path
 
     folder = converted_folder(embedded_gguf_path())
+    bw = buffer_bandwidths()
+    print("read GB/s of 8 x 256 MB buffers, by allocation order: "
+          + " ".join(f"{b:.1f}" for b in bw), flush=True)
     llms = [LLM(str(folder), dtype=args.dtype, enable_lora=True, max_loras=32,
                 max_lora_rank=16, max_num_seqs=64) for _ in range(args.engines)]
     sets = [gemms(llm) for llm in llms]
@@ -89,7 +107,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"engine {i} (built #{i + 1}): 120 projections "
               f"{row['projections_ms']:.2f} ms ({row['projections_vs_first']:.3f}x the first), "
               f"lm_head {row['lm_head_ms']:.2f} ms ({row['lm_head_vs_first']:.3f}x)", flush=True)
-    return save_results(args.out, {"rows": rows, "config": vars(args) | {"out": str(args.out)}})
+    huge_kb = anon_huge_kb()
+    print(f"process AnonHugePages: {huge_kb} kB", flush=True)
+    return save_results(args.out, {"rows": rows, "anon_huge_pages_kb": huge_kb,
+                                   "buffer_read_gbps_by_allocation_order": bw,
+                                   "config": vars(args) | {"out": str(args.out)}})
+
+
+def anon_huge_kb() -> int | None:
+    """This process's memory in transparent huge pages (Linux), or None."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":
