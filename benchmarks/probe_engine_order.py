@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--ballast-gb", type=float, default=0.0,
+                    help="first allocate and touch this much memory, kept to the end (does "
+                         "memory obtained later read faster?)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     from loraplex import LLM
     from loraplex.model.gguf_convert import converted_folder, embedded_gguf_path
 
     folder = converted_folder(embedded_gguf_path())
+    ballast = torch.ones(int(args.ballast_gb * (1 << 28))) if args.ballast_gb else None
     bw = buffer_bandwidths()
     print("read GB/s of 8 x 256 MB buffers, by allocation order: "
           + " ".join(f"{b:.1f}" for b in bw), flush=True)
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"engine {i} (built #{i + 1}): 120 projections "
               f"{row['projections_ms']:.2f} ms ({row['projections_vs_first']:.3f}x the first), "
               f"lm_head {row['lm_head_ms']:.2f} ms ({row['lm_head_vs_first']:.3f}x)", flush=True)
+    del ballast
     huge_kb = anon_huge_kb()
     print(f"process AnonHugePages: {huge_kb} kB", flush=True)
     return save_results(args.out, {"rows": rows, "anon_huge_pages_kb": huge_kb,
