@@ -197,7 +197,6 @@ def run_all(built) -> None:
     test_argmax_rows_matches_torch()
 
 
-
 _HOLD_LOCK = """
 import logging, sys
 from pathlib import Path
@@ -210,8 +209,7 @@ with build_lock(Path(sys.argv[1]), wait_note_s=0.3):
 
 def _start_holder(folder):
     """A fresh process that takes the build folder's lock (as kernels() does around torch's
-    build) and exits; returns it and a list its stderr lines land in, with an event set on
-    each line."""
+    build) and exits; returns it and a list its stderr lines land in."""
     import subprocess
     import sys
     import threading
@@ -219,15 +217,13 @@ def _start_holder(folder):
     proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
-    got = threading.Event()
 
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            got.set()
 
     threading.Thread(target=read, daemon=True).start()
-    return proc, lines, got
+    return proc, lines
 
 
 def _wait_for(lines: list[str], text: str, timeout: float = 60) -> bool:
@@ -251,7 +247,7 @@ def test_a_stale_build_lock_is_cleared_and_a_live_build_waited_for(tmp_path):
     with open(tmp_path / "build.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         stale.touch()
-        proc, lines, _ = _start_holder(tmp_path)
+        proc, lines = _start_holder(tmp_path)
         with proc:
             try:
                 assert _wait_for(lines, "waiting for another process"), lines
@@ -290,7 +286,7 @@ def test_a_stale_build_lock_waits_for_an_orphaned_compiler(tmp_path):
     (build / "lock").touch()
     with subprocess.Popen([str(fake), "3"], cwd=build) as orphan:
         t0 = time.monotonic()
-        proc, lines, _ = _start_holder(build)
+        proc, lines = _start_holder(build)
         with proc:
             try:
                 assert _wait_for(lines, "still work in that folder"), lines

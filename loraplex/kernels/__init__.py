@@ -97,7 +97,8 @@ def build_lock(build: Path, wait_note_s: float = 2.0) -> Iterator[None]:
         locked = False
         if fcntl is not None:
             try:
-                locked = _take_flock(fcntl, f, build, wait_note_s)
+                _take_flock(fcntl, f, build, wait_note_s)
+                locked = True
             except OSError as e:  # a file system without flock (some NFS mounts)
                 log.warning("cannot lock %s (%s): a stale kernel build lock there would not "
                             "be detected", build, e)
@@ -111,7 +112,7 @@ def build_lock(build: Path, wait_note_s: float = 2.0) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _take_flock(fcntl, f, build: Path, wait_note_s: float) -> bool:
+def _take_flock(fcntl, f, build: Path, wait_note_s: float) -> None:
     """Take the exclusive flock, saying so if another process holds it for long."""
     t0, noted = time.monotonic(), False
     while True:
@@ -127,7 +128,6 @@ def _take_flock(fcntl, f, build: Path, wait_note_s: float) -> bool:
     if noted:
         log.warning("the other process let the kernel folder go after %.0f s",
                     time.monotonic() - t0)
-    return True
 
 
 def _clear_stale(stale: Path, build: Path) -> None:
