@@ -28,8 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", dest="kv_cache_memory_gb", type=float, default=1.0,
                    help="KV cache budget in GiB")
-    g.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "mkl"],
-                   help="CPU fp32 GEMM backend: onednn (fast, default) or mkl (more accurate)")
+    g.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "mkl", "amx"],
+                   help="CPU GEMM backend: onednn (fast, default), mkl (more accurate fp32) or "
+                        "amx (bf16 on AMX CPUs: faster decode, slower long prefill)")
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:

@@ -233,9 +233,11 @@ class EngineConfig:
     served_model_name: str | None = None
     # C++ CPU kernels (paged decode attention); False forces the pure-torch path.
     use_kernels: bool = True
-    # CPU fp32 GEMMs: "onednn" (weights pre-packed once; 1.6-1.8x faster decode here, row
-    # results independent of batch size) or "mkl" (torch's default F.linear: ~3x smaller
-    # rounding error per GEMM, see README "Accuracy").
+    # CPU GEMMs: "onednn" (weights pre-packed once; 1.6-1.8x faster fp32 decode than MKL
+    # here), "mkl" (torch's default F.linear: ~3x smaller fp32 rounding error per GEMM, see
+    # README "Accuracy") or "amx" (bf16 models on CPUs with AMX-BF16: loraplex's own AMX GEMM,
+    # kernels/amx_gemm.cpp; decode steps faster than oneDNN's, 2048-token prefill steps
+    # slower, rows bit-for-bit batch invariant; README "cpu-gemm amx").
     cpu_gemm: str = "onednn"
     # LoRA (vLLM names): adapters per step, largest rank, adapter_model.bin opt-in.
     enable_lora: bool = False
@@ -257,8 +259,8 @@ class EngineConfig:
         if self.lora_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"lora_dtype must be auto, float32, bfloat16 or float16, got "
                               f"{self.lora_dtype!r}")
-        if self.cpu_gemm not in ("onednn", "mkl"):
-            raise ConfigError(f"cpu_gemm must be onednn or mkl, got {self.cpu_gemm!r}")
+        if self.cpu_gemm not in ("onednn", "mkl", "amx"):
+            raise ConfigError(f"cpu_gemm must be onednn, mkl or amx, got {self.cpu_gemm!r}")
         self.cache = CacheConfig(self.block_size, self.kv_cache_memory_gb, self.num_kv_blocks)
         # max_model_len is settled against the model in Engine (needs the model config).
         self.scheduler = SchedulerConfig(

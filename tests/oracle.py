@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loraplex import LLM, SamplingParams
@@ -73,3 +74,13 @@ def assert_bf16_as_close_as_hf(llm: LLM, fp32_model, hf16_model, prompts: list[l
     assert min(hf_err) > min_effect, f"{label}: HF bf16 errors {hf_err}"
     assert max(ours_err) <= 1.5 * max(hf_err), f"{label}: ours {ours_err}, HF bf16 {hf_err}"
     assert sum(ours_err) <= 1.25 * sum(hf_err), f"{label}: ours {ours_err}, HF bf16 {hf_err}"
+
+
+def _amx_gemm_here() -> bool:
+    from loraplex.kernels import amx_gemm_supported
+
+    return amx_gemm_supported()
+
+
+# cpu_gemm "amx" tests: only where the CPU (and build, and OS) run AMX-BF16
+needs_amx = pytest.mark.skipif(not _amx_gemm_here(), reason="no AMX-BF16 here")

@@ -365,7 +365,7 @@ def _build_and_check(isa: str, build: str) -> None:
     from torch.utils.cpp_extension import load
 
     srcs = [KERNEL_SRC, KERNEL_SRC.with_name("paged_attention.cpp"),
-            KERNEL_SRC.with_name("fused_ops.cpp")]
+            KERNEL_SRC.with_name("fused_ops.cpp"), KERNEL_SRC.with_name("amx_gemm.cpp")]
     load(name=f"loraplex_kernels_{isa}", sources=[str(p) for p in srcs],
          extra_cflags=["-O2", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
          build_directory=build, verbose=False, is_python_module=False)

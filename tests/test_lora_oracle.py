@@ -12,6 +12,8 @@ from loraplex import LLM, SamplingParams
 from loraplex.kernels import lora_pairs_supported
 from loraplex.lora.ops import LoRABatch, LoRASlots, reference_delta
 
+from oracle import needs_amx
+
 N_NEW = 16
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL7 = [*ATTN, "gate_proj", "up_proj", "down_proj"]
@@ -111,16 +113,19 @@ def test_bf16_adapters_on_fp32_model_match_peft(tiny_model_factory, tmp_path, us
     _check(llm, oracle, prompts, names)
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
-def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_kernels):
+@pytest.mark.parametrize("use_kernels,gemm", [(True, "onednn"), (False, "onednn"),
+                                               pytest.param(True, "amx", marks=needs_amx)],
+                         ids=["cpp", "torch", "cpp-amx"])
+def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_kernels, gemm):
     """A bf16 model with bf16 adapters (what `auto` picks on CPUs with native bf16) vs PEFT in
     fp32, teacher-forced: LoRA rows are no further from PEFT than base rows are from the fp32
-    base, i.e. the LoRA path adds no error beyond bf16's own."""
+    base, i.e. the LoRA path adds no error beyond bf16's own (with oneDNN's base GEMMs or the
+    AMX one's, cpu_gemm "amx")."""
     base = tiny_model_factory("llama")
     paths = _bf16_exact_adapters(base, tmp_path)
     oracle = PeftOracle(base, paths)
     llm = LLM(str(base), dtype="bfloat16", max_model_len=256, enable_lora=True, max_loras=3,
-              max_lora_rank=16, use_kernels=use_kernels)
+              max_lora_rank=16, use_kernels=use_kernels, cpu_gemm=gemm)
     assert llm.engine.lora_dtype == torch.bfloat16
     assert (llm.engine.runner.lora_kernel is not None) == use_kernels
     # with the kernel on an AVX512-BF16 CPU: the pair layout (bf16 dot products, z rounded to

@@ -14,6 +14,7 @@ from oracle import (
     hf_greedy,
     hf_load,
     max_logit_error,
+    needs_amx,
     ours_greedy_with_logits,
 )
 
@@ -42,18 +43,23 @@ def test_logits_and_greedy_match_hf(tiny_model_factory, family, use_kernels):
         assert toks == hf_greedy(hf, p, N_NEW), f"{family}: greedy tokens differ from HF"
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("use_kernels,gemm", [(True, "onednn"), (False, "onednn"),
+                                               pytest.param(True, "amx", marks=needs_amx)],
+                         ids=["cpp", "torch", "cpp-amx"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral_window"])
-def test_bf16_as_close_to_fp32_as_transformers_bf16(tiny_model_factory, family, use_kernels):
+def test_bf16_as_close_to_fp32_as_transformers_bf16(tiny_model_factory, family, use_kernels,
+                                                    gemm):
     """bf16 (what `--dtype auto` picks on CPUs with native bf16). Teacher-forced on our greedy
     tokens, our bf16 logits are no further from the fp32 model than transformers' own bf16 run
-    of the same weights is: the bf16 path, C++ kernels or torch, adds nothing beyond bf16's
-    rounding. A wrong kernel (a dropped rounding, a misplaced key) is off by far more."""
+    of the same weights is: the bf16 path, C++ kernels or torch, oneDNN's GEMMs or the AMX one
+    (cpu_gemm "amx"; qwen2's q/k/v have a bias), adds nothing beyond bf16's rounding. A wrong
+    kernel (a dropped rounding, a misplaced key) is off by far more."""
     path = tiny_model_factory(family)
     fp32, hf16 = hf_load(path), hf_load(path, dtype=torch.bfloat16)
     llm = LLM(str(path), dtype="bfloat16", max_model_len=256, block_size=8,
-              use_kernels=use_kernels)
+              use_kernels=use_kernels, cpu_gemm=gemm)
     assert (llm.engine.runner.decode_kernel is not None) == use_kernels
+    assert llm.engine.cpu_gemm == gemm
     assert_bf16_as_close_as_hf(llm, fp32, hf16, _prompts(5, seed=3), N_NEW, min_effect=1e-3,
                                label=family)
 

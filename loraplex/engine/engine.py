@@ -83,6 +83,29 @@ class _RequestState:
     seqs: list[Sequence]
 
 
+def resolve_cpu_gemm(choice: str, device: torch.device, dtype: torch.dtype,
+                     use_kernels: bool) -> str:
+    """The GEMM backend an engine uses; an "amx" that cannot run here is a ConfigError that
+    says why (it is not silently swapped for another backend)."""
+    if choice != "amx":
+        return choice
+    why = None
+    if dtype != torch.bfloat16:
+        why = "it runs bf16 models only"
+    elif device.type != "cpu":
+        why = "it runs on the CPU only"
+    elif not use_kernels:
+        why = "the C++ kernels are off"
+    else:
+        from loraplex.kernels import amx_gemm_supported
+
+        if not amx_gemm_supported():
+            why = "this CPU (or the kernel build, or the OS) has no AMX-BF16"
+    if why:
+        raise ConfigError(f"cpu_gemm amx cannot run here: {why}; use onednn or mkl")
+    return "amx"
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -92,10 +115,17 @@ class Engine:
         self.model_path = resolve_model_path(cfg.model)
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.sched_config = cfg.with_model_len(self.model_config.max_position_embeddings)
+        self.cpu_gemm = resolve_cpu_gemm(cfg.cpu_gemm, self.device, self.dtype, cfg.use_kernels)
+        amx_op = None
+        if self.cpu_gemm == "amx":
+            from loraplex.kernels import amx_linear_op
+
+            amx_op = amx_linear_op()
         self.model = load_model(self.model_path, self.device, self.dtype,
                                 self.sched_config.max_model_len,
-                                pack=cfg.cpu_gemm == "onednn",
-                                batch_hint=min(self.sched_config.max_num_seqs, 64))
+                                pack=self.cpu_gemm in ("onednn", "amx"),
+                                batch_hint=min(self.sched_config.max_num_seqs, 64),
+                                amx_op=amx_op)
         self.tokenizer = Tokenizer(cfg.tokenizer or self.model_path)
         self.eos_token_ids = tuple(sorted(set(self.model_config.eos_token_ids)
                                           | set(self.tokenizer.eos_token_ids)))

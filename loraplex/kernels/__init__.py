@@ -165,7 +165,8 @@ def kernels():
             build = cache_root() / "kernels" / cpu_tag()
             build.mkdir(parents=True, exist_ok=True)
             here = Path(__file__).parent
-            srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp")]
+            srcs = [str(here / n) for n in ("paged_attention.cpp", "fused_ops.cpp", "lora.cpp",
+                                             "amx_gemm.cpp")]
             import torch
 
             with build_lock(build):
@@ -212,6 +213,18 @@ def lora_kernel_for(device, dtype, lora_dtype, enabled: bool = True):
     # The op's direct binding: the same function as torch.ops.loraplex.lora_delta_, called
     # without the dispatcher (see the end of lora.cpp).
     return None if kernels() is None else _bound.lora_delta_
+
+
+def amx_gemm_supported() -> bool:
+    """Whether the bf16 AMX GEMM (amx_gemm.cpp, cpu_gemm "amx") runs here: an Intel CPU with
+    AMX-BF16, a compiler that targets it, and the OS granting the tile state."""
+    return kernels() is not None and bool(_bound.amx_gemm_supported())
+
+
+def amx_linear_op():
+    """The bf16 AMX GEMM's direct binding, amx_linear(y, x, wp, bias) (see amx_gemm.cpp), or
+    None where it does not run."""
+    return _bound.amx_linear if amx_gemm_supported() else None
 
 
 def lora_pairs_supported() -> bool:

@@ -51,16 +51,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "vec.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx_tiles.h"
 
 namespace {
 
@@ -579,21 +577,9 @@ constexpr int64_t kRows = 16;       // tokens per work item: a tile's rows
 #define LX_B 6
 #define LX_Y 7
 
-struct alignas(64) Config {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  void set(int t, int64_t r, int64_t cb) {
-    rows[t] = static_cast<uint8_t>(r);
-    colsb[t] = static_cast<uint16_t>(cb);
-  }
-};
-
-// GCC's tile intrinsics are asm statements that do not declare the memory they read (the
-// config, the rows a tile load reads); ordinary stores into those buffers just before must not
-// be moved past them, which this compiler barrier guarantees (volatile asm alone does in
-// practice, not by contract).
-inline void fence() { asm volatile("" ::: "memory"); }
+using loraplex_amx::Config;
+using loraplex_amx::fence;
+using loraplex_amx::permitted;
 
 // One thread's tile state within one call: the config it last loaded. Each call starts with
 // none and releases the tiles at its end, as the other tile users on these threads do at the
@@ -636,15 +622,6 @@ struct Tiles {
   }
 };
 
-// Linux hands a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); without it the first tile instruction kills the process. Asked once;
-// oneDNN asks for the same thing, so ours is usually already granted.
-constexpr int kArchReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
-constexpr int kXfeatureXtiledata = 18;      // XFEATURE_XTILEDATA
-inline bool permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return ok;
-}
 std::atomic<bool> g_enabled{true};
 // Work items run on the tiles since the process started (tests check the path really runs).
 std::atomic<int64_t> g_items{0};
@@ -1125,6 +1102,10 @@ TORCH_LIBRARY_FRAGMENT(loraplex, m) {
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) { m.impl("lora_delta_", &lora_delta_); }
 
+// amx_gemm.cpp (bound here: an extension has one module init)
+bool amx_gemm_supported();
+void amx_linear(at::Tensor y, at::Tensor x, at::Tensor wp, std::optional<at::Tensor> bias);
+
 // The same function bound directly, which the engine calls (120 times a SmolLM2 decode step):
 // a torch.ops call spends ~3.5 us in the dispatcher on its 9 tensors, a pybind11 call ~1.2 us
 // (measured on the Zen 2 dev VM). The op above stays for tests and tools that want the schema.
@@ -1140,6 +1121,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_amx_items", &lora_amx_items, "work items run on AMX tiles since the start");
   m.def("lora_set_amx", &lora_set_amx, pybind11::arg("on"),
         "turn the AMX tile path on or off; returns whether it is on");
+  m.def("amx_linear", &amx_linear,
+        "y = x W^T (+ bias) in bf16 on AMX tiles, W packed by layers.pack_amx (amx_gemm.cpp)",
+        pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias"));
+  m.def("amx_gemm_supported", &amx_gemm_supported,
+        "whether amx_linear runs here (AMX-BF16 built in and the tile state granted)");
   m.def("lora_pairs_supported", &lora_pairs_supported,
         "whether lora_delta_ takes the pair layout here (bf16 x and weights, AVX512-BF16)");
 }

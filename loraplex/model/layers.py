@@ -91,6 +91,27 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:m]
 
 
+def pack_amx(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> the AMX GEMM's layout [ceil(N/16), ceil(K/32), 16, 16, 2], zero-padded:
+    tile (nb, kc) holds pair row p, column c, lane l = W[16 nb + c, 32 kc + 2 p + l], the B
+    operand of tdpbf16ps (loraplex/kernels/amx_gemm.cpp)."""
+    n, k = w.shape
+    nb, kc = -(-n // 16), -(-k // 32)
+    wz = w.new_zeros(nb * 16, kc * 32)
+    wz[:n, :k] = w
+    return wz.view(nb, 16, kc, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_linear(op, x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, n: int
+               ) -> torch.Tensor:
+    """y = x Wᵀ (+ b) through the AMX GEMM `op` (kernels.amx_linear_op()), W packed by pack_amx;
+    x [..., K] bf16."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = x2.new_empty(x2.shape[0], n)
+    op(y, x2, wp, bias)
+    return y.view(*x.shape[:-1], n)
+
+
 class Linear(nn.Module):
     """y = x Wᵀ (+ b). `output_sizes` records the logical projections fused into W (q/k/v,
     gate/up) so adapters can address each slice; LoRA hooks in through `self.lora`."""
@@ -103,7 +124,9 @@ class Linear(nn.Module):
         self.weight: nn.Parameter | None = _empty_param(self.out_features, in_features)
         self.bias = _empty_param(self.out_features) if bias else None
         self.lora: nn.Module | None = None
-        self.packed: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # oneDNN's pre-packed W
+        self.amx_packed: torch.Tensor | None = None  # pack_amx(W), run by self.amx_op
+        self.amx_op = None
 
     def load_shard(self, param: str, tensor: torch.Tensor, shard: int) -> None:
         off = sum(self.output_sizes[:shard])
@@ -114,15 +137,24 @@ class Linear(nn.Module):
                              f"{tuple(dst.shape)}")
         dst.data[off:off + size].copy_(tensor)
 
-    def pack(self, batch_hint: int) -> None:
-        """Reorder W once into oneDNN's blocked layout (CPU only) and drop the plain copy."""
-        if self.weight is None or not can_pack(self.weight):
+    def pack(self, batch_hint: int, amx_op=None) -> None:
+        """Reorder W once into oneDNN's blocked layout, or with `amx_op` (bf16 W) into the AMX
+        GEMM's (CPU only), and drop the plain copy."""
+        if self.weight is None:
+            return
+        if amx_op is not None and self.weight.dtype == torch.bfloat16:
+            self.amx_packed, self.amx_op = pack_amx(self.weight.data), amx_op
+            self.weight = None
+            return
+        if not can_pack(self.weight):
             return
         self.packed = pack_weight(self.weight.data, batch_hint)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.amx_op is not None:
+            y = amx_linear(self.amx_op, x, self.amx_packed, self.bias, self.out_features)
+        elif self.packed is not None:
             y = packed_linear(x, self.packed, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)

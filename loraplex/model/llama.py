@@ -18,7 +18,9 @@ from loraplex.model.layers import (
     PagedAttention,
     RMSNorm,
     RotaryEmbedding,
+    amx_linear,
     can_pack,
+    pack_amx,
     pack_weight,
     packed_linear,
 )
@@ -123,6 +125,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, max_position)
         self.lm_head: nn.Linear | None = None
         self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_amx: torch.Tensor | None = None  # pack_amx(lm_head), run by amx_op
+        self.amx_op = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
@@ -132,6 +136,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_amx is not None:
+            return amx_linear(self.amx_op, hidden, self.lm_head_amx, None,
+                              self.config.vocab_size).float()
         if self.lm_head_packed is not None:
             return packed_linear(hidden, self.lm_head_packed, None).float()  # [R, vocab]
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -144,13 +151,18 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, RMSNorm | PagedAttention | RotaryEmbedding | LlamaMLP):
                 m.fused = ops
 
-    def pack_weights(self, batch_hint: int) -> None:
-        """After loading: move every projection (and lm_head) to the fastest CPU layout."""
+    def pack_weights(self, batch_hint: int, amx_op=None) -> None:
+        """After loading: move every projection (and lm_head) to the fastest CPU layout:
+        oneDNN's, or with `amx_op` (bf16 models on AMX CPUs) the AMX GEMM's."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack(batch_hint)
+                m.pack(batch_hint, amx_op)
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if can_pack(w):
+        if amx_op is not None and w.dtype == torch.bfloat16:
+            self.lm_head_amx, self.amx_op = pack_amx(w.data), amx_op
+            if self.lm_head is not None:
+                self.lm_head = None
+        elif can_pack(w):
             self.lm_head_packed = pack_weight(w.data, batch_hint)
             if self.lm_head is not None:  # untied: the plain copy is no longer needed
                 self.lm_head = None

@@ -60,7 +60,9 @@ def resolve_model_path(model: str | None) -> Path:
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, max_position: int,
-               pack: bool = True, batch_hint: int = 32) -> LlamaForCausalLM:
+               pack: bool = True, batch_hint: int = 32, amx_op=None) -> LlamaForCausalLM:
+    """pack: move the weights to oneDNN's layout (CPU), or with `amx_op` (bf16 on AMX CPUs:
+    kernels.amx_linear_op()) to the AMX GEMM's."""
     cfg = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
     prev = torch.get_default_dtype()
@@ -73,5 +75,5 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, max_posit
     model.load_weights(iter_safetensors(files, desc=f"loading {folder.name}"))
     model.eval()
     if pack:
-        model.pack_weights(batch_hint)
+        model.pack_weights(batch_hint, amx_op)
     return model
