@@ -1,12 +1,14 @@
 // y = x W^T (+ b) in bf16 on AMX tiles (Intel CPUs with AMX-BF16): the engine's projections
-// and lm_head when the model runs in bf16 on such a CPU (cpu_gemm "amx", the default there).
+// and lm_head when a bf16 model runs with cpu_gemm "amx" (opt-in; oneDNN stays the default).
 //
-// Why not oneDNN: at decode size (64 rows) its AMX GEMMs stream their pre-packed weights from
-// memory at 5-9 GB/s on the Intel AMX VM (a plain read runs ~20 GB/s), so a SmolLM2 decode
-// step's 120 projections took ~24 ms; this kernel takes ~18 ms, and the LoRA call after each
-// projection runs faster after it than after oneDNN's (benchmarks/probe_amx_gemm.py,
-// RESULTS.md). oneDNN's bf16 rows are also not quite batch invariant here (a row computed
-// alone and in a batch of 64 differed in a few of ~10^5 outputs); this kernel's are.
+// Why: at decode size (64 rows) oneDNN's AMX GEMMs stream their pre-packed weights from memory
+// at 6-11 GB/s on the Intel AMX VM, against ~20 GB/s for a plain read. This kernel's calls take
+// 0.74-0.96x oneDNN's time at SmolLM2's decode shapes, and a read of LoRA adapters right after
+// each costs less than after oneDNN's (benchmarks/probe_amx_gemm.py). In the engine
+// (benchmarks/bench_cpu_gemm.py) decode steps take 0.92x oneDNN's time with and without LoRA,
+// but a 2048-token prefill step 1.23x: at large M its tile loop runs at ~45% of the tiles'
+// peak, oneDNN's faster. oneDNN's bf16 rows are also not quite batch invariant here (a row
+// computed alone and in a batch of 64 differed in a few of ~10^5 outputs); this kernel's are.
 //
 // Layout: W is packed once (pack_amx in loraplex/model/layers.py) as [NB, KC, 16, 16, 2] bf16,
 // NB = ceil(N / 16) blocks of 16 output columns, KC = ceil(K / 32) chunks of 32 input values,
@@ -14,7 +16,7 @@
 // [32 kc + 2 p + l], which is the B operand tdpbf16ps reads. A block's chunks follow each
 // other, and a thread takes a contiguous run of blocks, so each thread reads one sequential
 // stream. x is copied per call into A tiles ([M/16, KC] tiles of 16 rows x 32 values, each
-// 1 KB contiguous: tile loads at x's own row stride ran 1.8x slower).
+// 1 KB contiguous: tile loads at x's own row stride of 1152 bytes ran 1.8x slower).
 //
 // Work: pairs of column blocks, split over the threads; for each pair and each two 16-row
 // tiles of x, four float32 C tiles (2 row tiles x 2 blocks) sum over the K chunks with two A
@@ -121,11 +123,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp, const bf16* b
   const int64_t NB = wp.size(0), KC = wp.size(1);
   const int64_t nrt = (M + 15) / 16;
   // x as A tiles, zero-padded: tile (rt, kc) at (rt * KC + kc) * kTile, row i at + i * 32.
-  thread_local std::vector<bf16> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < nrt * KC * kTile) xbuf.resize(nrt * KC * kTile);
-  bf16* xb = xbuf.data();
   const bf16* xp = x.data_ptr<bf16>();
-  auto pack_rows = [&](int64_t t0, int64_t t1) {
+  auto pack_rows = [&](bf16* xb, int64_t t0, int64_t t1) {
     for (int64_t rt = t0; rt < t1; ++rt)
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t m = rt * 16 + i;
@@ -137,10 +136,20 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp, const bf16* b
         }
       }
   };
-  if (nrt > 4)
-    at::parallel_for(0, nrt, 1, pack_rows);
-  else
-    pack_rows(0, nrt);
+  // Up to kOwnCopyTiles row tiles (decode), each thread packs its own copy: tiles one core
+  // packed and the other then read come through the other core's cache (a 64 x 576 x 576
+  // call took 55 us with one shared copy, 30 us with two, its weight in cache; 65 and 58 us
+  // from memory). Larger x is packed once, by both threads, into a shared buffer.
+  constexpr int64_t kOwnCopyTiles = 8;
+  const bool own_copy = nrt <= kOwnCopyTiles;
+  thread_local std::vector<bf16> shared_buf;
+  bf16* shared = nullptr;
+  if (!own_copy) {
+    if (static_cast<int64_t>(shared_buf.size()) < nrt * KC * kTile)
+      shared_buf.resize(nrt * KC * kTile);
+    shared = shared_buf.data();
+    at::parallel_for(0, nrt, 1, [&](int64_t t0, int64_t t1) { pack_rows(shared, t0, t1); });
+  }
 
   const bf16* w = wp.data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
@@ -150,6 +159,13 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp, const bf16* b
                   (reinterpret_cast<uintptr_t>(yp) & 63) == 0;
   const int64_t NP = (NB + 1) / 2;  // an odd last block pairs with itself (its copy unused)
   at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
+    const bf16* xb = shared;
+    if (own_copy) {
+      thread_local std::vector<bf16> own;
+      if (static_cast<int64_t>(own.size()) < nrt * KC * kTile) own.resize(nrt * KC * kTile);
+      pack_rows(own.data(), 0, nrt);
+      xb = own.data();
+    }
     Config c;
     for (int t = 0; t < 8; ++t) c.set(t, 16, 64);
     fence();
