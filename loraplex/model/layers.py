@@ -61,7 +61,9 @@ def pack_weight(w: torch.Tensor, batch_hint: int) -> torch.Tensor:
     # On the project's CPUs oneDNN with a pre-packed weight runs the decode-sized GEMMs up to 2x
     # faster than MKL sgemm (lm_head: 17 vs 38 ms at M=32), and each row's result does not
     # depend on how many rows share the call (MKL's small-M path differs by ~5e-5), which keeps
-    # a request's output identical alone or in a batch.
+    # a request's output identical alone or in a batch. (In fp32; in bf16 on the Intel AMX VM
+    # a few of ~10^5 outputs of a row differed between M=1 and M=33-64: cpu_gemm "amx" is
+    # exactly invariant there. RESULTS.md, session 19.)
     return torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
 
 
@@ -74,7 +76,8 @@ def padded_rows(m: int) -> int:
     growing for thousands of requests (tests/test_soak.py, CI size: +15% between its 200th and
     its 1976th request). Padded, a model sees at most ~70 counts per weight shape, so the caches
     stop growing early. A row's result does not depend on the other rows of the call (bit for
-    bit, fp32 and bf16), so the zero rows change nothing."""
+    bit in fp32, and in bf16 on Zen 4; oneDNN's bf16 on the Intel AMX VM varies in a few
+    outputs, see pack_weight), so the zero rows change nothing."""
     if m <= 16:
         return m
     step = 1 << (m.bit_length() - 4)
