@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peft-adapters", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true", help="skip (b), the PEFT baseline")
     ap.add_argument("--dtype", default="float32", help="model dtype for (a), (c), (d)")
+    ap.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "mkl", "amx"],
+                    help="the engines' CPU GEMMs (amx: bf16 on AMX CPUs)")
     ap.add_argument("--lora-dtype", default="auto", help="adapter dtype (auto = model's)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     def make_llm(dtype: str, lora_dtype: str):
         return LLM(str(folder), dtype=dtype, lora_dtype=lora_dtype, enable_lora=True,
                    max_loras=args.max_loras, max_lora_rank=args.rank,
-                   max_num_seqs=max(64, args.requests))
+                   max_num_seqs=max(64, args.requests),
+                   cpu_gemm=args.cpu_gemm if dtype == args.dtype else "onednn")
 
     llm = make_llm(args.dtype, args.lora_dtype)
     # As `loraplex serve` does once started: the startup heap leaves the cyclic GC's reach, so a

@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--passes", type=int, default=4,
                     help="engine passes per k, the two engines swapping roles")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "mkl", "amx"],
+                    help="the engines' CPU GEMMs (amx: bf16 on AMX CPUs)")
     ap.add_argument("--lora-dtype", default="auto")
     ap.add_argument("--before", help="also time the LoRA kernel of this git revision")
     ap.add_argument("--plain", action="store_true",
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     def make_llm():
         return LLM(str(folder), dtype=args.dtype, lora_dtype=args.lora_dtype, enable_lora=True,
                    max_loras=max(ks), max_lora_rank=args.rank,
-                   max_num_seqs=max(64, args.requests))
+                   max_num_seqs=max(64, args.requests), cpu_gemm=args.cpu_gemm)
 
     llms = [make_llm(), make_llm()]
     if llms[0].engine.runner.lora_kernel is None:

@@ -61,13 +61,15 @@ void read_bytes(at::Tensor buf) {
 }
 """
 
-# (out, in) of SmolLM2's projections and the bytes of 8 r=16 bf16 adapters' A and B for each
+# (out, in) of SmolLM2's projections (q/k/v and gate/up fused) and their LoRA shards
 PROJ = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+SHARDS = [3, 1, 2, 1]
 LM_HEAD = (49152, 576)
 
 
-def adapter_bytes(n: int, k: int, adapters: int = 8, rank: int = 16) -> int:
-    return adapters * rank * (n + k) * 2
+def adapter_bytes(n: int, k: int, shards: int, adapters: int = 8, rank: int = 16) -> int:
+    """Bytes of `adapters` bf16 adapters' A (one [rank, k] per shard) and B ([n, rank])."""
+    return adapters * rank * (n + shards * k) * 2
 
 
 def shapes_part(op, m: int, mb: int, rounds: int) -> dict:
@@ -116,8 +118,8 @@ def step_part(op, read, m: int, steps: int, layers: int = 30) -> dict:
         ws = [torch.randn(n, k).to(torch.bfloat16) * 0.05 for n, k in PROJ]
         packed["onednn"].append([pack_weight(w, m) for w in ws])
         packed["amx"].append([pack_amx(w) for w in ws])
-        extra.append([torch.ones(adapter_bytes(n, k) // 2, dtype=torch.bfloat16)
-                      for n, k in PROJ])
+        extra.append([torch.ones(adapter_bytes(n, k, sh) // 2, dtype=torch.bfloat16)
+                      for (n, k), sh in zip(PROJ, SHARDS)])
     xs = [torch.randn(m, k).to(torch.bfloat16) for _, k in PROJ]
 
     def step(gemm: str, with_read: bool) -> None:
@@ -140,7 +142,7 @@ def step_part(op, read, m: int, steps: int, layers: int = 30) -> dict:
             step(*s)
             times[s].append(time.perf_counter() - t0)
     med = {s: sorted(v)[len(v) // 2] for s, v in times.items()}
-    total = sum(adapter_bytes(n, k) for n, k in PROJ) * layers
+    total = sum(adapter_bytes(n, k, sh) for (n, k), sh in zip(PROJ, SHARDS)) * layers
     out = {"adapter_bytes_per_step": total}
     print(f"one decode step's 120 projections, {m} rows; reads of 8 adapters' bytes "
           f"({total / 1e6:.1f} MB a step) after each:")

@@ -2,8 +2,8 @@
 // and lm_head when a bf16 model runs with cpu_gemm "amx" (opt-in; oneDNN stays the default).
 //
 // Why: at decode size (64 rows) oneDNN's AMX GEMMs stream their pre-packed weights from memory
-// at 6-11 GB/s on the Intel AMX VM, against ~20 GB/s for a plain read. This kernel's calls take
-// 0.74-0.96x oneDNN's time at SmolLM2's decode shapes, and a read of LoRA adapters right after
+// at 6-9 GB/s on the Intel AMX VM, against ~20 GB/s for a plain read. This kernel's calls take
+// 0.67-0.96x oneDNN's time at SmolLM2's decode shapes, and a read of LoRA adapters right after
 // each costs less than after oneDNN's (benchmarks/probe_amx_gemm.py). In the engine
 // (benchmarks/bench_cpu_gemm.py) decode steps take 0.92x oneDNN's time with and without LoRA,
 // but a 2048-token prefill step 1.23x: at large M its tile loop runs at ~45% of the tiles'
