@@ -12,7 +12,7 @@ import torch
 from loraplex import LLM, SamplingParams
 from loraplex.config import ConfigError
 from loraplex.kernels import amx_linear_op
-from loraplex.model.layers import amx_linear, pack_amx
+from loraplex.model.layers import Linear, amx_linear, pack_amx
 
 from oracle import needs_amx
 
@@ -55,6 +55,25 @@ def test_matches_a_float32_reference_to_one_rounding(n, k, bias):
 
 
 @needs_amx
+def test_large_outputs_streamed_past_the_caches_and_a_misaligned_y():
+    """A y over 2 MB with whole 64-byte rows is written with streaming stores; a y that is
+    not 64-byte aligned is not. Both give the reference's values."""
+    g = torch.Generator().manual_seed(3)
+    n, k, m = 1024, 96, 2048
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    wp = pack_amx(w)
+    ref = x.float() @ w.float().t() + b.float()
+    absum = x.float().abs() @ w.float().abs().t() + b.float().abs()
+    y = _gemm(x, wp, b, n)
+    _within_one_rounding(y, ref, absum, k)
+    odd = torch.empty(m * n + 1, dtype=torch.bfloat16)[1:].view(m, n)  # 2 bytes off a line
+    amx_linear_op()(odd, x, wp, b)
+    assert torch.equal(odd, y)
+
+
+@needs_amx
 @pytest.mark.parametrize("n,k", [(960, 576), (100, 70)])
 def test_a_row_is_the_same_alone_and_in_any_batch(n, k):
     """Bit for bit, through the row-chunk loop (> 512 rows) and the streamed stores of a large
@@ -94,8 +113,9 @@ def test_engine_runs_every_projection_on_it_and_greedy_output_is_batch_invariant
     eng = llm.engine
     assert eng.cpu_gemm == "amx"
     assert eng.model.lm_head_amx is not None
-    qkv = eng.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.amx_op is not None and qkv.packed is None and qkv.weight is None
+    linears = [m for m in eng.model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * eng.model_config.num_layers
+    assert all(m.amx_op is not None and m.packed is None and m.weight is None for m in linears)
     topics = ["the moon", "bread", "rivers", "chess", "owls", "jazz", "glass", "tides", "maps",
               "bees", "snow", "ink"]
     prompts = [f"Tell me about {t}." + " Be precise." * (i % 4) * 4 for i, t in enumerate(topics)]
@@ -113,3 +133,17 @@ def test_amx_is_refused_where_it_cannot_run(smollm2_dir):
             max_model_len=256)
     with pytest.raises(ConfigError, match="cpu_gemm must be"):
         LLM(str(smollm2_dir), dtype="bfloat16", cpu_gemm="avx", max_model_len=256)
+
+
+@needs_amx
+def test_tied_lm_head_on_it_as_close_to_fp32_as_transformers_bf16(tiny_model_factory):
+    """A tiny Llama with tied embeddings: lm_head runs on the kernel from the embedding matrix,
+    and the logits are no further from the fp32 model than transformers' bf16 run."""
+    from oracle import assert_bf16_as_close_as_hf, hf_load
+
+    path = tiny_model_factory("llama", tie=True)
+    fp32, hf16 = hf_load(path), hf_load(path, dtype=torch.bfloat16)
+    llm = LLM(str(path), dtype="bfloat16", cpu_gemm="amx", max_model_len=256, block_size=8)
+    assert llm.engine.model.lm_head_amx is not None and llm.engine.model.lm_head is None
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(5 + 3 * i)] for i in range(5)]
+    assert_bf16_as_close_as_hf(llm, fp32, hf16, prompts, 8, min_effect=1e-3, label="tied")

@@ -5,8 +5,8 @@
 // at 6-9 GB/s on the Intel AMX VM, against ~20 GB/s for a plain read. This kernel's calls take
 // 0.67-0.96x oneDNN's time at SmolLM2's decode shapes, and a read of LoRA adapters right after
 // each costs less than after oneDNN's (benchmarks/probe_amx_gemm.py). In the engine
-// (benchmarks/bench_cpu_gemm.py) decode steps take 0.92x oneDNN's time with and without LoRA,
-// but a 2048-token prefill step 1.23x: at large M its tile loop runs at ~45% of the tiles'
+// (benchmarks/bench_cpu_gemm.py) decode steps take 0.88-0.92x oneDNN's time with and without
+// LoRA, but a 2048-token prefill step 1.21-1.24x: at large M its tile loop runs at ~45% of the tiles'
 // peak, oneDNN's faster. oneDNN's bf16 rows are also not quite batch invariant here (a row
 // computed alone and in a batch of 64 differed in a few of ~10^5 outputs); this kernel's are.
 //
@@ -39,7 +39,7 @@
 #include "amx_tiles.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
-    defined(__AVX512F__) && defined(__AVX512BW__)
+    defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LORAPLEX_AMX_GEMM 1
 #endif
 
@@ -136,6 +136,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp, const bf16* b
         }
       }
   };
+  // (The buffers keep the largest x a thread has packed, as big as that x itself: one step's
+  // activations for one projection, at most max_num_batched_tokens x K bf16.)
   // Up to kOwnCopyTiles row tiles (decode), each thread packs its own copy: tiles one core
   // packed and the other then read come through the other core's cache (a 64 x 576 x 576
   // call took 55 us with one shared copy, 30 us with two, its weight in cache; 65 and 58 us
@@ -223,6 +225,7 @@ void amx_linear(at::Tensor y, at::Tensor x, at::Tensor wp, std::optional<at::Ten
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16 &&
                   wp.scalar_type() == at::kBFloat16,
               "amx_linear: bf16 x, y and weights only");
+  TORCH_CHECK(x.is_cpu() && y.is_cpu() && wp.is_cpu(), "amx_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && wp.dim() == 5 && x.is_contiguous() &&
                   y.is_contiguous() && wp.is_contiguous(),
               "amx_linear: contiguous x [M, K], y [M, N], wp [NB, KC, 16, 16, 2]");
@@ -233,7 +236,7 @@ void amx_linear(at::Tensor y, at::Tensor x, at::Tensor wp, std::optional<at::Ten
               wp.sizes(), ")");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N &&
+    TORCH_CHECK(bias->is_cpu() && bias->scalar_type() == at::kBFloat16 && bias->numel() == N &&
                     bias->is_contiguous(),
                 "amx_linear: bias must be bf16 [N]");
   if (M == 0) return;
