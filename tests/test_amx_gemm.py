@@ -12,6 +12,7 @@ import torch
 from loraplex import LLM, SamplingParams
 from loraplex.config import ConfigError
 from loraplex.kernels import amx_linear_op
+from loraplex.model.huge_pages import HugePageArena
 from loraplex.model.layers import Linear, amx_linear, pack_amx
 
 from oracle import needs_amx
@@ -116,6 +117,10 @@ def test_engine_runs_every_projection_on_it_and_greedy_output_is_batch_invariant
     linears = [m for m in eng.model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * eng.model_config.num_layers
     assert all(m.amx_op is not None and m.packed is None and m.weight is None for m in linears)
+    # every packed weight lives in the model's huge-page arena
+    arena = eng.model.packed_arena
+    assert all(arena.contains(t) for t in [m.amx_packed for m in linears]
+               + [eng.model.lm_head_amx])
     topics = ["the moon", "bread", "rivers", "chess", "owls", "jazz", "glass", "tides", "maps",
               "bees", "snow", "ink"]
     prompts = [f"Tell me about {t}." + " Be precise." * (i % 4) * 4 for i, t in enumerate(topics)]
@@ -147,3 +152,21 @@ def test_tied_lm_head_on_it_as_close_to_fp32_as_transformers_bf16(tiny_model_fac
     assert llm.engine.model.lm_head_amx is not None and llm.engine.model.lm_head is None
     prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(5 + 3 * i)] for i in range(5)]
     assert_bf16_as_close_as_hf(llm, fp32, hf16, prompts, 8, min_effect=1e-3, label="tied")
+
+
+def test_huge_page_arena_carves_aligned_disjoint_tensors():
+    arena = HugePageArena(3 * 4096 + 10)
+    assert arena.size == 2 << 20
+    a = arena.take((100, 3), torch.bfloat16)
+    b = arena.take((5000,), torch.float32)
+    c = arena.take((7,), torch.int64)
+    assert a.data_ptr() % (2 << 20) == 0  # the block starts on a huge page
+    assert b.data_ptr() - a.data_ptr() == 4096 and c.data_ptr() - b.data_ptr() == 20480
+    a.fill_(1)
+    b.fill_(2)
+    c.fill_(3)
+    assert a.float().sum() == 300 and b.sum() == 10000 and c.sum() == 21
+    assert HugePageArena.room(1) == 4096 and HugePageArena.room(8192) == 8192
+    assert arena.contains(a) and arena.contains(c) and not arena.contains(torch.zeros(3))
+    with pytest.raises(ValueError, match="do not fit"):
+        arena.take((2 << 20,), torch.uint8)

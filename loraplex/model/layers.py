@@ -94,15 +94,22 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:m]
 
 
-def pack_amx(w: torch.Tensor) -> torch.Tensor:
+def amx_packed_shape(n: int, k: int) -> tuple[int, int, int, int, int]:
+    return (-(-n // 16), -(-k // 32), 16, 16, 2)
+
+
+def pack_amx(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, K] bf16 -> the AMX GEMM's layout [ceil(N/16), ceil(K/32), 16, 16, 2], zero-padded:
     tile (nb, kc) holds pair row p, column c, lane l = W[16 nb + c, 32 kc + 2 p + l], the B
-    operand of tdpbf16ps (loraplex/kernels/amx_gemm.cpp)."""
+    operand of tdpbf16ps (loraplex/kernels/amx_gemm.cpp). Written into `out` if given."""
     n, k = w.shape
-    nb, kc = -(-n // 16), -(-k // 32)
+    nb, kc = amx_packed_shape(n, k)[:2]
     wz = w.new_zeros(nb * 16, kc * 32)
     wz[:n, :k] = w
-    return wz.view(nb, 16, kc, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    tiles = wz.view(nb, 16, kc, 16, 2).permute(0, 2, 3, 1, 4)
+    if out is None:
+        return tiles.contiguous()
+    return out.copy_(tiles)
 
 
 def amx_linear(op, x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, n: int
@@ -140,13 +147,15 @@ class Linear(nn.Module):
                              f"{tuple(dst.shape)}")
         dst.data[off:off + size].copy_(tensor)
 
-    def pack(self, batch_hint: int, amx_op=None) -> None:
+    def pack(self, batch_hint: int, amx_op=None, arena=None) -> None:
         """Reorder W once into oneDNN's blocked layout, or with `amx_op` (bf16 W) into the AMX
-        GEMM's (CPU only), and drop the plain copy."""
+        GEMM's (CPU only; in `arena`, a HugePageArena, if given), and drop the plain copy."""
         if self.weight is None:
             return
         if amx_op is not None and self.weight.dtype == torch.bfloat16:
-            self.amx_packed, self.amx_op = pack_amx(self.weight.data), amx_op
+            out = (arena.take(amx_packed_shape(*self.weight.shape), torch.bfloat16)
+                   if arena is not None else None)
+            self.amx_packed, self.amx_op = pack_amx(self.weight.data, out), amx_op
             self.weight = None
             return
         if not can_pack(self.weight):

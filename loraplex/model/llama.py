@@ -6,6 +6,7 @@ gate/up into `gate_up_proj` (split back into shards at load time). Forward: (inp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -13,12 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
+from loraplex.model.huge_pages import HugePageArena
 from loraplex.model.layers import (
     Linear,
     PagedAttention,
     RMSNorm,
     RotaryEmbedding,
     amx_linear,
+    amx_packed_shape,
     can_pack,
     pack_amx,
     pack_weight,
@@ -127,6 +130,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_amx: torch.Tensor | None = None  # pack_amx(lm_head), run by amx_op
         self.amx_op = None
+        self.packed_arena: HugePageArena | None = None  # holds the AMX GEMM's packed weights
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
@@ -153,13 +157,26 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_weights(self, batch_hint: int, amx_op=None) -> None:
         """After loading: move every projection (and lm_head) to the fastest CPU layout:
-        oneDNN's, or with `amx_op` (bf16 models on AMX CPUs) the AMX GEMM's."""
+        oneDNN's, or with `amx_op` (bf16 models on AMX CPUs) the AMX GEMM's, in one block of
+        huge pages (see huge_pages.py)."""
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        arena = None
+        if amx_op is not None:
+            shapes = [tuple(m.weight.shape) for m in self.modules()
+                      if isinstance(m, Linear) and m.weight is not None
+                      and m.weight.dtype == torch.bfloat16]
+            if w.dtype == torch.bfloat16:
+                shapes.append(tuple(w.shape))
+            if shapes:
+                need = sum(HugePageArena.room(math.prod(amx_packed_shape(*s)) * 2)
+                           for s in shapes)
+                arena = self.packed_arena = HugePageArena(need)
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack(batch_hint, amx_op)
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+                m.pack(batch_hint, amx_op, arena)
         if amx_op is not None and w.dtype == torch.bfloat16:
-            self.lm_head_amx, self.amx_op = pack_amx(w.data), amx_op
+            out = arena.take(amx_packed_shape(*w.shape), torch.bfloat16)
+            self.lm_head_amx, self.amx_op = pack_amx(w.data, out), amx_op
             if self.lm_head is not None:
                 self.lm_head = None
         elif can_pack(w):
