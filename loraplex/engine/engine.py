@@ -167,9 +167,10 @@ class Engine:
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
-        log.info("engine ready in %.1fs: %s (%s, %s), %d KV blocks x %d tokens",
+        log.info("engine ready in %.1fs: %s (%s, %s, GEMMs %s), %d KV blocks x %d tokens",
                  time.perf_counter() - t0, self.model_path, self.dtype, self.device,
-                 self.num_blocks, c.block_size)
+                 self.cpu_gemm if self.device.type == "cpu" else "torch", self.num_blocks,
+                 c.block_size)
 
     # ---- adapters ---------------------------------------------------------------------------
     def _lora_manager(self) -> LoRAManager:
