@@ -258,3 +258,22 @@ def test_a_cpu_copy_is_a_handful_of_gc_objects(setup):
     assert per_adapter <= 12, f"{per_adapter:.1f} tracked objects per adapter"
     m = ads[0].modules[(0, "q_proj")]  # views made on access, of the right shapes
     assert m.a.shape == (8, 64) and m.b.shape[1] == 8 and m.scale == 2.0
+
+
+def test_kernel_slots_live_in_the_huge_page_arena(setup):
+    """With the C++ kernel (CPU), every projection's slot weights are views of the manager's
+    one huge-page block, sized exactly for them; loading an adapter writes there."""
+    base, paths = setup
+    llm = LLM(str(base), max_model_len=128, enable_lora=True, max_loras=3, max_lora_rank=8)
+    mgr = llm.engine.lora
+    if llm.engine.runner.lora_kernel is None:
+        pytest.skip("no C++ LoRA kernel here")
+    assert mgr.arena is not None
+    tensors = [t for s in mgr.slots.values() for t in (s.ap, s.bp)]
+    assert all(mgr.arena.contains(t) for t in tensors)
+    assert mgr.arena.used == sum(-(-t.numel() * t.element_size() // 4096) * 4096
+                                 for t in tensors)
+    llm.add_lora("a0", str(paths["a0"]))
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, lora="a0")
+    assert len(out[0].outputs[0].token_ids) == 12
+    assert any(bool(s.ap.any()) for s in mgr.slots.values())  # the adapter went into a slot

@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from loraplex.config import ConfigError, ModelConfig
 from loraplex.lora.adapter import PROJECTIONS, LoRAAdapter, LoRAError, load_adapter
 from loraplex.lora.buffers import BufferPool
 from loraplex.lora.ops import LoRASlots
+from loraplex.model.huge_pages import HugePageArena
 from loraplex.model.layers import Linear
 
 log = logging.getLogger(__name__)
@@ -59,14 +61,29 @@ class LoRAManager:
                  pairs: bool = False) -> None:
         self.base, self.cfg, self.device, self.dtype = base, cfg, device, dtype
         num_slots = cfg.max_loras + 1  # the last slot stays zero
+        fused_names = sorted({f for f, _ in PROJECTIONS.values()})
+        # The C++ path's slots in one block of huge pages (CPU): a step streams every used
+        # slot's bytes once, and in 4 KiB pages each page is a TLB miss and a prefetcher stop.
+        self.arena: HugePageArena | None = None
+        if packed and device.type == "cpu":
+            elem = torch.empty((), dtype=dtype).element_size()
+            need = 0
+            for layer in model.model.layers:
+                for fused in fused_names:
+                    lin = layer.get_submodule(fused)
+                    _, ap, bp = LoRASlots.packed_shapes(lin.in_features, lin.output_sizes,
+                                                        num_slots, cfg.max_lora_rank, dtype,
+                                                        pairs)
+                    need += sum(HugePageArena.room(math.prod(sh) * elem) for sh in (ap, bp))
+            self.arena = HugePageArena(need)
         # (layer, fused module name) -> LoRASlots attached to that Linear
         self.slots: dict[tuple[int, str], LoRASlots] = {}
         for i, layer in enumerate(model.model.layers):
-            for fused in {f for f, _ in PROJECTIONS.values()}:
+            for fused in fused_names:
                 lin = layer.get_submodule(fused)
                 assert isinstance(lin, Linear)
                 s = LoRASlots(lin.in_features, lin.output_sizes, num_slots, cfg.max_lora_rank,
-                              device, dtype, packed, pairs)
+                              device, dtype, packed, pairs, self.arena)
                 lin.lora = s
                 self.slots[(i, fused)] = s
         self._current: dict[str, LoRAAdapter] = {}  # registry: name -> current version

@@ -50,11 +50,12 @@ def _round8(r: int) -> int:
 class LoRASlots(nn.Module):
     def __init__(self, in_features: int, output_sizes: list[int], num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, packed: bool = False,
-                 pairs: bool = False) -> None:
+                 pairs: bool = False, arena=None) -> None:
+        """arena: a HugePageArena (CPU) to take the packed layout's ap and bp from, sized with
+        packed_shapes (see LoRAManager)."""
         super().__init__()
-        # the pair layout needs whole pairs along the input axis; else the plain packed one
-        self.pairs = pairs and packed and dtype == torch.bfloat16 and in_features % 2 == 0
-        r_rows = max_rank + max_rank % 2 if self.pairs else max_rank
+        self.pairs, ap_shape, bp_shape = self.packed_shapes(in_features, output_sizes, num_slots,
+                                                            max_rank, dtype, pairs)
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
@@ -65,18 +66,32 @@ class LoRASlots(nn.Module):
         self.bt: torch.Tensor | None = None
         self.ap: torch.Tensor | None = None
         self.bp: torch.Tensor | None = None
-        if packed:
-            self.ap = torch.zeros(num_slots, n, _round8(max_rank) * in_features, device=device,
-                                  dtype=dtype)
-            self.bp = torch.zeros(num_slots, sum(self.blocks), r_rows, 32, device=device,
-                                  dtype=dtype)
+        if packed and arena is not None:
+            self.ap = arena.take(ap_shape, dtype).zero_()
+            self.bp = arena.take(bp_shape, dtype).zero_()
+        elif packed:
+            self.ap = torch.zeros(ap_shape, device=device, dtype=dtype)
+            self.bp = torch.zeros(bp_shape, device=device, dtype=dtype)
         else:
+            self.pairs = False
             self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device,
                                  dtype=dtype)
             self.bt = torch.zeros(num_slots, n * max_rank, self.out_features, device=device,
                                   dtype=dtype)
         self.ranks = torch.zeros(num_slots, n, dtype=torch.long)
         self.shard_sizes = torch.tensor(self.output_sizes, dtype=torch.long)
+
+    @staticmethod
+    def packed_shapes(in_features: int, output_sizes: list[int], num_slots: int,
+                      max_rank: int, dtype: torch.dtype, pairs: bool
+                      ) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
+        """(pair layout?, ap's shape, bp's shape) of the C++ path's slots. The pair layout needs
+        bf16 and whole pairs along the input axis; else the plain packed one."""
+        pairs = pairs and dtype == torch.bfloat16 and in_features % 2 == 0
+        r_rows = max_rank + max_rank % 2 if pairs else max_rank
+        n, blocks = len(output_sizes), sum(-(-o // 32) for o in output_sizes)
+        return (pairs, (num_slots, n, _round8(max_rank) * in_features),
+                (num_slots, blocks, r_rows, 32))
 
     def slot_nbytes(self) -> int:
         """Bytes of one slot's weights (A and B, every shard, padding included)."""
