@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -66,16 +65,11 @@ class LoRAManager:
         # slot's bytes once, and in 4 KiB pages each page is a TLB miss and a prefetcher stop.
         self.arena: HugePageArena | None = None
         if packed and device.type == "cpu":
-            elem = torch.empty((), dtype=dtype).element_size()
-            need = 0
-            for layer in model.model.layers:
-                for fused in fused_names:
-                    lin = layer.get_submodule(fused)
-                    _, ap, bp = LoRASlots.packed_shapes(lin.in_features, lin.output_sizes,
-                                                        num_slots, cfg.max_lora_rank, dtype,
-                                                        pairs)
-                    need += sum(HugePageArena.room(math.prod(sh) * elem) for sh in (ap, bp))
-            self.arena = HugePageArena(need)
+            shapes = [LoRASlots.packed_shapes(lin.in_features, lin.output_sizes, num_slots,
+                                              cfg.max_lora_rank, dtype, pairs)[1:]
+                      for layer in model.model.layers
+                      for lin in (layer.get_submodule(f) for f in fused_names)]
+            self.arena = HugePageArena.for_tensors((sh, dtype) for pair in shapes for sh in pair)
         # (layer, fused module name) -> LoRASlots attached to that Linear
         self.slots: dict[tuple[int, str], LoRASlots] = {}
         for i, layer in enumerate(model.model.layers):

@@ -16,8 +16,10 @@ must outlive them (the model keeps it).
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -65,6 +67,12 @@ class HugePageArena:
         t = self._bytes[self.used:end].view(dtype).view(tuple(shape))
         self.used = -(-end // ALIGN) * ALIGN
         return t
+
+    @classmethod
+    def for_tensors(cls, specs: Iterable[tuple[Sequence[int], torch.dtype]]) -> HugePageArena:
+        """An arena with exactly the room for tensors of these (shape, dtype)."""
+        return cls(sum(cls.room(math.prod(shape) * torch.empty((), dtype=dt).element_size())
+                       for shape, dt in specs))
 
     @staticmethod
     def room(nbytes: int) -> int:

@@ -6,7 +6,6 @@ gate/up into `gate_up_proj` (split back into shards at load time). Forward: (inp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -168,9 +167,8 @@ class LlamaForCausalLM(nn.Module):
             if w.dtype == torch.bfloat16:
                 shapes.append(tuple(w.shape))
             if shapes:
-                need = sum(HugePageArena.room(math.prod(amx_packed_shape(*s)) * 2)
-                           for s in shapes)
-                arena = self.packed_arena = HugePageArena(need)
+                arena = self.packed_arena = HugePageArena.for_tensors(
+                    (amx_packed_shape(*s), torch.bfloat16) for s in shapes)
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(batch_hint, amx_op, arena)
