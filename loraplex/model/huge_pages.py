@@ -1,5 +1,5 @@
 """One block of memory in transparent huge pages, carved into tensors: for weights a kernel
-streams from memory every step (the AMX GEMM's packed weights).
+streams from memory every step (the AMX GEMM's packed weights, the LoRA kernel's slots).
 
 Why: a decode step streams every weight once, 4 KiB page after 4 KiB page; each page costs a
 TLB miss (a two-level walk in a VM) and stops the hardware prefetchers. With the AMX GEMM's
@@ -56,10 +56,7 @@ class HugePageArena:
 
     def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor of `shape` and `dtype` in the arena."""
-        n = 1
-        for d in shape:
-            n *= int(d)
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         end = self.used + nbytes
         if end > self.size:
             raise ValueError(f"HugePageArena: {nbytes} bytes do not fit ({self.size - self.used} "
