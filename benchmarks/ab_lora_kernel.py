@@ -59,6 +59,14 @@ def source(rev: str, name: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
+def has_source(rev: str, name: str) -> bool:
+    """Whether `rev` has the kernel source file `name`."""
+    if rev == "WORKTREE":
+        return (ROOT / KDIR / name).exists()
+    return subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{rev}:{KDIR}/{name}"],
+                          capture_output=True).returncode == 0
+
+
 def build_op(rev: str, tag: str, workdir: Path, direct: bool = False):
     """lora.cpp at `rev`, its op renamed to torch.ops.<tag>.lora_delta_ (one process can register
     a namespace once), compiled as the engine compiles it; returns the op, or with `direct` its
@@ -69,8 +77,14 @@ def build_op(rev: str, tag: str, workdir: Path, direct: bool = False):
 
     d = workdir / tag
     d.mkdir(parents=True)
-    for name in ("vec.h", "vec_math.h"):
-        (d / name).write_text(source(rev, name))
+    for name in ("vec.h", "vec_math.h", "amx_tiles.h"):
+        if has_source(rev, name):
+            (d / name).write_text(source(rev, name))
+    # Since session 19 lora.cpp's pybind11 module also binds amx_gemm.cpp's functions.
+    extra = []
+    if has_source(rev, "amx_gemm.cpp"):
+        (d / "amx_gemm.cpp").write_text(source(rev, "amx_gemm.cpp"))
+        extra.append(str(d / "amx_gemm.cpp"))
     src = source(rev, "lora.cpp")
     for macro in ("TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
         if f"{macro}(loraplex," not in src:
@@ -78,7 +92,7 @@ def build_op(rev: str, tag: str, workdir: Path, direct: bool = False):
         src = src.replace(f"{macro}(loraplex,", f"{macro}({tag},")
     (d / "lora.cpp").write_text(src)
     bound = direct and "PYBIND11_MODULE(" in src
-    module = load(name=f"ab_{tag}", sources=[str(d / "lora.cpp")],
+    module = load(name=f"ab_{tag}", sources=[str(d / "lora.cpp"), *extra],
                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   build_directory=str(d), verbose=False, is_python_module=bound)
     return module.lora_delta_ if bound else getattr(torch.ops, tag).lora_delta_
