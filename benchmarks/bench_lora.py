@@ -248,8 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     folder = converted_folder(embedded_gguf_path())
     bw = measure_mem_bandwidth(256 if args.quick else 768, kind="read")
-    # The kernel's arithmetic is fp32 whatever the dtypes, so its compute floor uses the fp32
-    # GEMM peak: no code multiplies faster on this machine than its best GEMM library.
+    # (a)'s compute floor: the deltas' FLOPs at the GEMM peak, since no code multiplies faster
+    # on this machine than its best GEMM library. With a bf16 model the kernel multiplies bf16
+    # pairs (vdpbf16ps, or AMX tiles), as a bf16 GEMM does, so the floor takes the faster of
+    # the fp32 and the model dtype's peak (measured below, once the engine has resolved it;
+    # until session 20 it took the fp32 peak alone, which overstated a bf16 floor ~2.5x on
+    # Zen 4).
     peak = measure_gemm_peak(budget_s=2.0 if args.quick else 8.0)
     rss0 = rss_bytes()
     def make_llm(dtype: str, lora_dtype: str):
@@ -259,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
                    cpu_gemm=args.cpu_gemm if dtype == args.dtype else "onednn")
 
     llm = make_llm(args.dtype, args.lora_dtype)
+    if llm.engine.dtype != torch.float32:
+        peak = max(peak, measure_gemm_peak(dtype=llm.engine.dtype,
+                                           budget_s=2.0 if args.quick else 8.0))
     # As `loraplex serve` does once started: the startup heap leaves the cyclic GC's reach, so a
     # full collection triggered by a load scans only what came after (see launch.py).
     from loraplex.server.launch import freeze_startup_heap
