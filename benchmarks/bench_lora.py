@@ -249,11 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
     folder = converted_folder(embedded_gguf_path())
     bw = measure_mem_bandwidth(256 if args.quick else 768, kind="read")
     # (a)'s compute floor: the deltas' FLOPs at the GEMM peak, since no code multiplies faster
-    # on this machine than its best GEMM library. With a bf16 model the kernel multiplies bf16
-    # pairs (vdpbf16ps, or AMX tiles), as a bf16 GEMM does, so the floor takes the faster of
-    # the fp32 and the model dtype's peak (measured below, once the engine has resolved it;
-    # until session 20 it took the fp32 peak alone, which overstated a bf16 floor ~2.5x on
-    # Zen 4).
+    # on this machine than its best GEMM library. The kernel multiplies in float32, except in
+    # its pair layout (bf16 model and adapters on AVX512-BF16), where it multiplies bf16 pairs
+    # (vdpbf16ps, or AMX tiles) as a bf16 GEMM does: then the floor takes the faster of the
+    # fp32 and the bf16 peak (measured below, once the engine has chosen its layout; until
+    # session 20 it took the fp32 peak alone, which overstated a bf16 floor ~2.3x on Zen 4).
     peak = measure_gemm_peak(budget_s=2.0 if args.quick else 8.0)
     rss0 = rss_bytes()
     def make_llm(dtype: str, lora_dtype: str):
@@ -263,15 +263,18 @@ def main(argv: list[str] | None = None) -> dict:
                    cpu_gemm=args.cpu_gemm if dtype == args.dtype else "onednn")
 
     llm = make_llm(args.dtype, args.lora_dtype)
-    if llm.engine.dtype != torch.float32:
-        peak = max(peak, measure_gemm_peak(dtype=llm.engine.dtype,
-                                           budget_s=2.0 if args.quick else 8.0))
+    pairs = any(m.pairs for m in llm.engine.lora.slots.values())
     # As `loraplex serve` does once started: the startup heap leaves the cyclic GC's reach, so a
     # full collection triggered by a load scans only what came after (see launch.py).
     from loraplex.server.launch import freeze_startup_heap
 
     freeze_startup_heap()
     rss_engine = rss_bytes()
+    peak_dtype = "float32"
+    if pairs:  # measured after rss_engine: its temporaries stay out of the slots' RSS
+        peak_bf16 = measure_gemm_peak(dtype=torch.bfloat16, budget_s=2.0 if args.quick else 8.0)
+        if peak_bf16 > peak:
+            peak, peak_dtype = peak_bf16, "bfloat16"
     cfg = llm.engine.model_config
     n_adapters = max(max(ks), 100 if not args.quick else 4)
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{over_floor_paired:.2f}x the floor at its read); best possible "
                   f"{row['decode_floor_ratio']:.3f}x", flush=True)
             print(f"    with the deltas' arithmetic ({args.requests} tokens x "
-                  f"{lora_flops_per_token / 1e6:.1f} MFLOP at the {peak:.0f} GFLOP/s GEMM peak = "
+                  f"{lora_flops_per_token / 1e6:.1f} MFLOP at the {peak:.0f} GFLOP/s "
+                  f"{peak_dtype} GEMM peak = "
                   f"{row['compute_floor_ms_per_step']:.1f} ms/step) besides the bytes: best "
                   f"possible {row['decode_floor_ratio_overlapped']:.3f}x if it hides under the "
                   f"reads, {row['decode_floor_ratio_serial']:.3f}x if not", flush=True)
@@ -457,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"peak of {peft_res['gemm_peak_gflops']:.0f} GFLOP/s: "
                   f"{peft_res['ceiling_tok_s']:.0f} tok/s = {peft_res['ceiling_ratio']:.1f}x)",
                   flush=True)
-    out = {"bandwidth_gbps": bw, "gemm_peak_gflops": peak,
+    out = {"bandwidth_gbps": bw, "gemm_peak_gflops": peak, "gemm_peak_dtype": peak_dtype,
            "lora_flops_per_token": lora_flops_per_token, "adapter_bytes": adapter_bytes,
            "cold_load": cold, "memory": mem, "tax": rows, "vs_peft": peft_res,
            "config": vars(args) | {"out": str(args.out)}}
