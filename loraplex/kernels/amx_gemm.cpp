@@ -6,8 +6,8 @@
 // 0.67-0.96x oneDNN's time at SmolLM2's decode shapes, and a read of LoRA adapters right after
 // each costs less than after oneDNN's (benchmarks/probe_amx_gemm.py). In the engine
 // (benchmarks/bench_cpu_gemm.py) decode steps take 0.88-0.92x oneDNN's time with and without
-// LoRA, but a 2048-token prefill step 1.21-1.24x: at large M its tile loop runs at ~45% of the tiles'
-// peak, oneDNN's faster. oneDNN's bf16 rows are also not quite batch invariant here (a row
+// LoRA, but a 2048-token prefill step 1.21-1.24x: at large M its tile loop runs at ~45% of the
+// tiles' peak, oneDNN's faster. oneDNN's bf16 rows are also not quite batch invariant here (a row
 // computed alone and in a batch of 64 differed in a few of ~10^5 outputs); this kernel's are.
 //
 // Layout: W is packed once (pack_amx in loraplex/model/layers.py) as [NB, KC, 16, 16, 2] bf16,

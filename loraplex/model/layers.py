@@ -95,6 +95,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def amx_packed_shape(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """The shape pack_amx gives an [n, k] weight (callers size a HugePageArena with it)."""
     return (-(-n // 16), -(-k // 32), 16, 16, 2)
 
 
