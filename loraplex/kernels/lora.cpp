@@ -234,8 +234,9 @@ inline void shrink_two(float* z1, float* z2, int64_t ldz, const float* at1, int6
 // block of 32 columns, r rows). PF: also prefetch the same lines of the block at `next`.
 // The sums start at zero and y is added once at the end (y + delta, as torch would add a
 // delta): no multiply-add waits for y's loads, which at a tile's start (r = 16: 16 rank
-// steps a tile) exposed their latency. Measured on an Intel Xeon VM (AVX-512, fp32, gate/up's
-// 96 blocks x 64 tokens, y and B in L2, 60 alternated rounds): 0.844-0.857x the time.
+// steps a tile) exposed their latency. Measured in the engine on an Intel Xeon VM (AVX-512,
+// no bf16; fp32, 64 rows, bench_lora_read_floor.py --before, paired with the y-start kernel):
+// steps 0.990x the time at 1 adapter, 0.977x at 8 (LoRA's extra 5.3 -> 4.4, 13.7 -> 10.8 ms).
 template <int NT, int NV, bool PF, typename W, typename T>
 inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
                         int64_t col, const W* next) {
