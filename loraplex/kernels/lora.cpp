@@ -233,10 +233,11 @@ inline void shrink_two(float* z1, float* z2, int64_t ldz, const float* at1, int6
 // ys[t][col : col + NV*W] += sum_i z[t][i] * b[i * 32 + col : ...] for t < NT (b: one packed
 // block of 32 columns, r rows). PF: also prefetch the same lines of the block at `next`.
 // The sums start at zero and y is added once at the end (y + delta, as torch would add a
-// delta): no multiply-add waits for y's loads, which at a tile's start (r = 16: 16 rank
-// steps a tile) exposed their latency. Measured in the engine on an Intel Xeon VM (AVX-512,
-// no bf16; fp32, 64 rows, bench_lora_read_floor.py --before, paired with the y-start kernel):
-// steps 0.990x the time at 1 adapter, 0.977x at 8 (LoRA's extra 5.3 -> 4.4, 13.7 -> 10.8 ms).
+// delta), so no multiply-add waits for y's loads (y was just written by the base GEMM, partly
+// from the other core; at r = 16 a tile is only 16 rank steps). Measured on an Intel Xeon VM
+// (AVX-512, no bf16; fp32, 64 rows), paired with the y-start kernel: in the engine
+// (bench_lora_read_floor.py --before, two runs) steps 0.983-0.990x the time at 1 adapter and
+// 0.977-0.981x at 8; in ab_lora_kernel.py's steps neutral (0.99-1.01). See RESULTS.md.
 template <int NT, int NV, bool PF, typename W, typename T>
 inline void expand_tile(T* const* ys, const W* b, int64_t r, const float* z, int64_t ldz,
                         int64_t col, const W* next) {
