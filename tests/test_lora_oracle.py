@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -141,6 +142,24 @@ def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_
     # logits by far more than that (min_effect), so the comparison is not vacuous.
     worst = _check(llm, oracle, prompts, names, tol=0.1, same_tokens=False, min_effect=0.5)
     assert max(v for k, v in worst.items() if k is not None) <= 1.5 * worst[None], worst
+
+
+def test_config_without_target_modules_matches_peft(tiny_model_factory, tmp_path):
+    """An adapter_config.json without target_modules: PEFT targets its default modules for the
+    architecture (q_proj and v_proj), and so does loraplex (adapter.PEFT_DEFAULT_TARGETS)."""
+    base = tiny_model_factory("qwen2")
+    d = make_peft_adapter(base, tmp_path / "qv", seed=5, r=8, lora_alpha=16,
+                          target_modules=["q_proj", "v_proj"])
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["target_modules"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    oracle = PeftOracle(base, {"qv": d})
+    llm = LLM(str(base), dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=8)
+    llm.add_lora("qv", str(d))
+    rng = random.Random(5)
+    names = ["qv", None, "qv"]
+    prompts = [[rng.randrange(3, 259) for _ in range(rng.randrange(4, 30))] for _ in names]
+    _check(llm, oracle, prompts, names)
 
 
 def test_more_adapters_than_slots_matches_peft(tiny_model_factory, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -83,6 +84,37 @@ def test_configs_selecting_the_weights_modules_load(env, edit, tmp_path):
     _edit_config(d, **edit)
     want = sorted(load_adapter("good", good, cfg, 8).modules)
     assert sorted(load_adapter("edited", d, cfg, 8).modules) == want
+
+
+@pytest.mark.parametrize("how", ["null", "absent"])
+def test_config_without_target_modules_gets_peft_defaults(env, how, tmp_path):
+    """PEFT gives a config without target_modules its default targets for the architecture
+    (q_proj and v_proj for every architecture loraplex serves) and ignores weights for any
+    other module. An adapter whose weights are for q and v only loads as if it named them (its
+    output against PEFT's: test_lora_oracle.py); one with weights beyond them is refused,
+    naming PEFT's default, instead of being served with weights PEFT would drop."""
+    base, _, good, llm, _ = env
+    cfg = llm.engine.model_config
+
+    def drop_targets(d):
+        if how == "null":
+            _edit_config(d, target_modules=None)
+        else:
+            c = json.loads((d / "adapter_config.json").read_text())
+            del c["target_modules"]
+            (d / "adapter_config.json").write_text(json.dumps(c))
+
+    qv = tmp_path / "qv"
+    shutil.copytree(good, qv)
+    drop_targets(qv)
+    assert sorted(load_adapter("qv", qv, cfg, 8).modules) == sorted(
+        load_adapter("good", good, cfg, 8).modules)
+    more = make_peft_adapter(base, tmp_path / "more", seed=3, r=8, lora_alpha=16,
+                             target_modules=["q_proj", "v_proj", "down_proj"])
+    drop_targets(more)
+    with pytest.raises(LoRAError, match=r"down_proj, which adapter_config.json does not select "
+                                        r"\(no target_modules, so PEFT's default"):
+        load_adapter("more", more, cfg, 8)
 
 
 def test_rank_above_max_is_refused(env):

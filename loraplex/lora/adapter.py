@@ -3,12 +3,14 @@
 A folder is `adapter_config.json` + `adapter_model.safetensors` (or, only with an explicit
 opt-in, `adapter_model.bin` read with `torch.load(weights_only=True)`). Everything that changes
 the math and is not implemented (DoRA, modules_to_save, LoRA bias, embedding or lm_head LoRA,
-Activated LoRA, QA-LoRA, trainable tokens, LoRA on parameters, and the other LoRA variants
-listed in `_UNSUPPORTED`) is refused by name, never ignored. Every error is a LoRAError naming
-the module and the shapes.
+Activated LoRA, QA-LoRA, trainable tokens, LoRA on parameters, the other LoRA variants
+listed in `_UNSUPPORTED` and `_UNSUPPORTED_SUBCONFIGS`, and the initializations with which PEFT
+rewrites the base weights on load: PiSSA, OLoRA, CorDA, LoftQ) is refused by name, never
+ignored. Every error is a LoRAError naming the module and the shapes, or the config field.
 
 The weights file says which modules are adapted; the config must agree. PEFT builds LoRA layers
 only where the config's target_modules / exclude_modules / layers_to_transform select a module
+(a config without target_modules gets PEFT's default for the architecture, q_proj and v_proj)
 and ignores weights for any other, so a file holding weights for a module its config does not
 select would be served differently by PEFT: it is refused, naming the module (`_selects`
 mirrors PEFT's matching).
@@ -140,11 +142,26 @@ _UNSUPPORTED = {
     "use_qalora": "QA-LoRA (inputs pooled before lora_A)",
     "trainable_token_indices": "trainable tokens (changed embedding rows)",
     "target_parameters": "LoRA on parameters (target_parameters)",
+}
+# Variants PEFT switches on by a sub-config: it turns any dict, even an empty one, into a
+# config object (its defaults), and the variant is then on. So these are refused whenever they
+# are present and not null, not only when truthy.
+_UNSUPPORTED_SUBCONFIGS = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing (arrow_config)",
     "kasa_config": "KaSA (a truncated base weight and a diagonal between A and B)",
     "monteclora_config": "MonteCLoRA (sampled adapters)",
 }
+# init_lora_weights values with which PEFT, on loading the adapter, rewrites the base weights
+# it adapts (PiSSA and OLoRA subtract the initial B A, CorDA likewise, LoftQ swaps in its
+# quantized weights): served on the unchanged base, such an adapter gives other outputs.
+# PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) converts PiSSA, OLoRA and
+# CorDA adapters into plain ones (init_lora_weights=true) that need no such rewrite.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# PEFT's target modules for a config without target_modules, for every architecture loraplex
+# serves (llama, mistral, qwen2, qwen3: peft.utils.constants.
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
 def _selects(cfg: dict, key: str, where: str) -> bool:
@@ -194,6 +211,7 @@ def _check_config(cfg: dict, where: str) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise LoRAError(f"{where}: peft_type {peft_type} is not supported (only LORA)")
+    _check_values(cfg, where)  # first: the matching below takes these values as they come
     refused = []
     if cfg.get("use_dora"):
         refused.append("DoRA (use_dora=true)")
@@ -210,6 +228,15 @@ def _check_config(cfg: dict, where: str) -> None:
     for key, what in _UNSUPPORTED.items():
         if cfg.get(key):
             refused.append(f"{what} ({key}={cfg[key]!r})")
+    for key, what in _UNSUPPORTED_SUBCONFIGS.items():
+        if cfg.get(key) is not None:
+            refused.append(f"{what} ({key}={cfg[key]!r})")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        refused.append(
+            f"init_lora_weights={init!r} (PEFT rewrites the base weights for this adapter when "
+            f"it loads it; convert it to a plain LoRA with PEFT's save_pretrained("
+            f"path_initial_model_for_weight_conversion=...) where PEFT supports that)")
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
         raise LoRAError(f"{where}: target_modules must be a list of names or a regex string, "
@@ -220,8 +247,52 @@ def _check_config(cfg: dict, where: str) -> None:
             refused.append(f"{bad} LoRA (target_modules={targets!r})")
     if refused:
         raise LoRAError(f"{where}: unsupported adapter feature(s): {'; '.join(refused)}")
-    if not isinstance(cfg.get("r", 8), int) or cfg.get("r", 8) < 1:
-        raise LoRAError(f"{where}: r must be a positive integer, got {cfg.get('r')!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_values(cfg: dict, where: str) -> None:
+    """The types and ranges of the config values the loader computes with, so that a bad one
+    is a LoRAError naming the field rather than a TypeError deep in the loader."""
+    def bad(field: str, want: str) -> LoRAError:
+        return LoRAError(f"{where}: adapter_config.json {field} must be {want}, got "
+                         f"{cfg.get(field)!r}")
+
+    if not _is_int(cfg.get("r", 8)) or cfg.get("r", 8) < 1:
+        raise bad("r", "a positive integer")
+    if not _is_number(cfg.get("lora_alpha", 8)):
+        raise bad("lora_alpha", "a finite number")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise bad("use_rslora", "true or false")
+    for field, ok, want in (("rank_pattern", lambda v: _is_int(v) and v >= 1,
+                             "an object of positive integer ranks"),
+                            ("alpha_pattern", _is_number, "an object of finite numbers")):
+        patterns = cfg.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict) or not all(ok(v) for v in patterns.values()):
+            raise bad(field, want)
+        for key in patterns:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise LoRAError(f"{where}: adapter_config.json {field} key {key!r} is not a "
+                                f"valid regex ({e})") from None
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (
+            isinstance(layers, list) and all(_is_int(v) for v in layers)):
+        raise bad("layers_to_transform", "null, a layer index or a list of them")
+    for field in ("layers_pattern", "exclude_modules"):
+        v = cfg.get(field)
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list) and all(isinstance(e, str) for e in v)):
+            raise bad(field, "null, a string or a list of strings")
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -348,6 +419,9 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
     except ValueError as e:
         raise LoRAError(f"adapter {name!r}: adapter_config.json is not valid JSON ({e})") from None
     where = f"adapter {name!r}"
+    if cfg.get("target_modules") is None:
+        # PEFT fills in its default targets for the architecture and ignores any other weights
+        cfg["target_modules"] = PEFT_DEFAULT_TARGETS
     _check_config(cfg, where)
     weights, raw, size = _read_weights(folder, allow_pickle, take)
     held = None
@@ -478,10 +552,14 @@ def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[in
         if r_cfg != r:
             raise LoRAError(f"{where}: {mod_name} has rank {r} in its weights but {r_cfg} in "
                             f"adapter_config.json")
-        if cfg.get("target_modules") is not None and not _selects(cfg, mod_name, where):
+        if not _selects(cfg, mod_name, where):
+            # (the identity: load_adapter put PEFT's default in for a config without any)
+            targets = (f"no target_modules, so PEFT's default {PEFT_DEFAULT_TARGETS!r}"
+                       if cfg.get("target_modules") is PEFT_DEFAULT_TARGETS else
+                       f"target_modules={cfg.get('target_modules')!r}")
             raise LoRAError(
                 f"{where}: the weights adapt {mod_name}, which adapter_config.json does not "
-                f"select (target_modules={cfg.get('target_modules')!r}, exclude_modules="
+                f"select ({targets}, exclude_modules="
                 f"{cfg.get('exclude_modules')!r}, layers_to_transform="
                 f"{cfg.get('layers_to_transform')!r}); PEFT would ignore these weights, so the "
                 f"config and the weights disagree")
