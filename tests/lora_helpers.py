@@ -181,6 +181,9 @@ BAD_ADAPTERS = {
     "rslora_string": (lambda d: _edit_config(d, use_rslora="yes"), "use_rslora must be true"),
     "layers_string": (lambda d: _edit_config(d, layers_to_transform="0"),
                       "layers_to_transform must be null, a layer index or a list"),
+    "regex_with_layers": (lambda d: _edit_config(d, target_modules=r".*\.(q|v)_proj",
+                                                 layers_to_transform=[0]),
+                          "cannot be combined with target_modules as a string"),
     "exclude_number": (lambda d: _edit_config(d, exclude_modules=3),
                        "exclude_modules must be null, a string or a list of strings"),
     # the weights adapt q and v in every layer; PEFT would build (and serve) only what the

@@ -241,6 +241,12 @@ def _check_config(cfg: dict, where: str) -> None:
     if targets is not None and not isinstance(targets, (str, list)):
         raise LoRAError(f"{where}: target_modules must be a list of names or a regex string, "
                         f"got {targets!r}")
+    if isinstance(targets, str) and cfg.get("layers_to_transform") is not None:
+        # PEFT refuses this config (LoraConfig.__post_init__); matched as a regex, the layer
+        # list would be silently ignored
+        raise LoRAError(f"{where}: layers_to_transform={cfg['layers_to_transform']!r} cannot "
+                        f"be combined with target_modules as a string ({targets!r}); PEFT "
+                        f"refuses this config too")
     # as PEFT matches them: the full module names of the input embedding and the output head
     for bad, full in (("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")):
         if targets is not None and _selects(cfg, full, where):
