@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import pytest
 
@@ -248,5 +249,51 @@ def test_adapter_reads_never_run_on_the_step_thread(tiny_model_factory, tmp_path
         assert new_misses == 1
         assert len(readers) == 2  # b's add and a's re-read
         assert all(name.startswith("loraplex-loader") for name in readers), readers
+    finally:
+        eng.shutdown()
+
+
+def test_loads_that_must_not_replace_check_at_registration(tiny_model_factory, tmp_path):
+    """Two loads of one new name without load_inplace, both read before either registers:
+    exactly one adds it, the other gets AdapterExistsError (the server's 400 "already loaded"),
+    never both told they added it while one silently replaced the other. A --lora-dir first-use
+    load started after an explicit load of the same name keeps the explicit one."""
+    from lora_helpers import make_peft_adapter
+
+    from loraplex.lora.adapter import AdapterExistsError
+    from loraplex.server.adapters import AdapterResolver
+
+    base = tiny_model_factory("llama")
+    p1 = make_peft_adapter(base, tmp_path / "w1", seed=1, r=4, lora_alpha=8,
+                           target_modules=["q_proj"])
+    p2 = make_peft_adapter(base, tmp_path / "w2", seed=2, r=4, lora_alpha=8,
+                           target_modules=["q_proj"])
+    lora_dir = tmp_path / "dir"
+    lora_dir.mkdir()
+    shutil.copytree(p1, lora_dir / "y")
+    eng = AsyncEngine.from_config(EngineConfig(model=str(base), max_model_len=64,
+                                               enable_lora=True))
+    resolver = AdapterResolver(eng, ["base"], str(lora_dir))
+
+    def current(name):
+        return eng.engine.lora.get(name).version
+
+    async def go():
+        got = await asyncio.gather(eng.add_lora("x", str(p1), replace=False),
+                                   eng.add_lora("x", str(p2), replace=False),
+                                   return_exceptions=True)
+        added = [g for g in got if not isinstance(g, BaseException)]
+        assert len(added) == 1 and isinstance(got[1], AdapterExistsError)
+        assert current("x") == added[0].version
+        # the explicit load is read first, the first-use load of DIR/y queued behind it
+        explicit, resolved = await asyncio.gather(eng.add_lora("y", str(p2), replace=False),
+                                                  resolver.resolve("y"))
+        assert resolved == "y" and current("y") == explicit.version
+        # load_inplace replaces
+        again = await eng.add_lora("y", str(p1), replace=True)
+        assert current("y") == again.version != explicit.version
+
+    try:
+        asyncio.run(go())
     finally:
         eng.shutdown()

@@ -291,10 +291,14 @@ def test_lora_dir_loads_on_first_use_and_contains_names(server, client):
     r = client.chat.completions.create(model="gamma", messages=Q, max_tokens=4)
     assert r.choices and "gamma" in {m.id for m in client.models.list().data}
     h = http(server)
-    for name in ["../x", "/etc", "escape", "gamma/../../x", "..", ".", "%2e%2e/x", "a\\b"]:
+    # other spellings of gamma's folder ("./gamma", "gamma/", ...) are not its name: each
+    # would be loaded and registered as one more adapter
+    for name in ["../x", "/etc", "escape", "gamma/../../x", "..", ".", "%2e%2e/x", "a\\b",
+                 "./gamma", "gamma/", "gamma/.", ".//gamma", "gamma//"]:
         e = _err(h.post("/v1/chat/completions", json={"model": name, "messages": Q}), 404)
         assert e["message"] == f"The model `{name}` does not exist."
-    assert "escape" not in {m.id for m in client.models.list().data}
+    ids = {m.id for m in client.models.list().data}
+    assert "escape" not in ids and not any(i != "gamma" and "gamma" in i for i in ids)
 
 
 # ---- LangChain ----------------------------------------------------------------------------------

@@ -198,11 +198,13 @@ class AsyncEngine:
             self._cv.notify()
         return await fut
 
-    async def add_lora(self, name: str, path: str) -> LoRAAdapter:
-        """Read and validate on the loader thread, then register between steps."""
+    async def add_lora(self, name: str, path: str, replace: bool = True) -> LoRAAdapter:
+        """Read and validate on the loader thread, then register between steps. replace=False:
+        raise AdapterExistsError if the name is registered by then (checked at registration,
+        so a name registered while this one was being read is not replaced)."""
         lm = self.engine._lora_manager()
         ad = await self._off_step(lm.load, name, path)
-        return await self.call(lambda eng: eng._lora_manager().register(ad))
+        return await self.call(lambda eng: eng._lora_manager().register(ad, replace))
 
     async def remove_lora(self, name: str) -> bool:
         return await self.call(lambda eng: eng.remove_lora(name))

@@ -46,6 +46,10 @@ class LoRAError(ValueError):
     """An adapter that cannot be served; the message says why (module, shapes, feature)."""
 
 
+class AdapterExistsError(LoRAError):
+    """A load that must not replace found its name already registered (manager.register)."""
+
+
 def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection of the base model."""
     h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, \

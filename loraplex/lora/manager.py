@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from loraplex.config import ConfigError, ModelConfig
-from loraplex.lora.adapter import PROJECTIONS, LoRAAdapter, LoRAError, load_adapter
+from loraplex.lora.adapter import (
+    PROJECTIONS,
+    AdapterExistsError,
+    LoRAAdapter,
+    LoRAError,
+    load_adapter,
+)
 from loraplex.lora.buffers import BufferPool
 from loraplex.lora.ops import LoRASlots
 from loraplex.model.huge_pages import HugePageArena
@@ -102,10 +108,15 @@ class LoRAManager:
         the counters, so a server runs it on a worker thread, off the step path."""
         return self._load(name, path)
 
-    def register(self, ad: LoRAAdapter) -> LoRAAdapter:
-        """Make a loaded adapter the current version of its name (step thread only)."""
+    def register(self, ad: LoRAAdapter, replace: bool = True) -> LoRAAdapter:
+        """Make a loaded adapter the current version of its name (step thread only). With
+        replace=False a name already registered raises AdapterExistsError: the check and the
+        registration are one step-thread call, so two loads of one new name racing through
+        their reads cannot both be told they added it."""
         name = ad.name
         old = self._current.get(name)
+        if old is not None and not replace:
+            raise AdapterExistsError(f"adapter {name!r} is already registered")
         self._current[name] = ad
         self._versions[(name, ad.version)] = ad
         self._cpu_touch((name, ad.version))

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.lora.adapter import LoRAError
+from loraplex.lora.adapter import AdapterExistsError, LoRAError
 from loraplex.server.errors import APIError, model_not_found
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,10 @@ def contained_path(root: Path, name: str) -> Path | None:
     """`root/name` if it stays inside `root` after resolving symlinks, else None."""
     if not name or "\x00" in name or "\\" in name or name.startswith(("/", "~")):
         return None
-    parts = Path(name).parts
-    if any(p in ("..", ".", "") for p in parts) or Path(name).is_absolute():
+    # On the raw string: pathlib drops "." and empty components ("./x", "x/", "x//y" all
+    # become x's parts), which would make one folder answer to endless names, each loaded and
+    # registered as its own adapter.
+    if any(p in ("..", ".", "") for p in name.split("/")) or Path(name).is_absolute():
         return None
     base = root.resolve()
     try:
@@ -72,7 +74,11 @@ class AdapterResolver:
 
     async def _load(self, name: str, path: Path) -> None:
         try:
-            await self.engine.add_lora(name, str(path))
+            # never over an adapter registered while this one was being read (an explicit
+            # load that has already answered 200): that one is served
+            await self.engine.add_lora(name, str(path), replace=False)
+        except AdapterExistsError:
+            return
         except LoRAError as e:
             raise APIError(400, f"Failed to load adapter `{name}`: {e}", "model") from None
         log.info("loaded adapter %r from %s on first use", name, path)

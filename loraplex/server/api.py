@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.lora.adapter import LoRAError
+from loraplex.lora.adapter import AdapterExistsError, LoRAError
 from loraplex.server.adapters import AdapterResolver
 from loraplex.server.errors import APIError
 from loraplex.server.metrics import Metrics
@@ -199,6 +199,10 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
         if opts.tenants is not None and not getattr(principal_of(raw), "admin", False):
             raise APIError(403, "Loading and unloading adapters needs an admin key.")
 
+    def already_loaded(name: str) -> APIError:
+        return APIError(400, f"The lora adapter '{name}' has already been loaded. "
+                             "Pass load_inplace=true to replace it.", "lora_name")
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoRAAdapterRequest, raw: Request) -> PlainTextResponse:
         require_admin(raw)
@@ -207,12 +211,13 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
         if resolver.is_base(name):
             raise APIError(400, f"`{name}` is the base model's name.", "lora_name")
         if resolver.registered(name) and not body.load_inplace:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded. "
-                                "Pass load_inplace=true to replace it.", "lora_name")
+            raise already_loaded(name)
         if not os.path.isdir(body.lora_path):
             raise APIError(404, f"No adapter folder at '{body.lora_path}'.", "lora_path")
         try:
-            await engine.add_lora(name, body.lora_path)
+            await engine.add_lora(name, body.lora_path, replace=body.load_inplace)
+        except AdapterExistsError:  # registered while this one was being read
+            raise already_loaded(name) from None
         except LoRAError as e:
             raise APIError(400, f"Failed to load adapter '{name}': {e}", "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
