@@ -174,7 +174,8 @@ def test_cpu_tier_keeps_at_most_max_cpu_loras_and_reloads(setup):
     for n in set(names):
         idx = [i for i, m in enumerate(names) if m == n]
         assert [got[i] for i in idx] == _reference(base, paths[n], [prompts[i] for i in idx])
-    # once idle, the next use trims the tier back to the limit
+    # as the requests finish and release their pins, the tier shrinks back to the limit
+    assert eng.lora.num_cpu_copies == 3 and eng.lora.num_pinned == 0
     eng.add_request(None, GREEDY, prompt_token_ids=[5, 6, 7], lora="a0")
     _run(eng, [])
     assert eng.lora.num_cpu_copies == 3 and eng.lora.num_pinned == 0

@@ -139,13 +139,19 @@ class LoRAManager:
         max_cpu_loras (pinned ones stay, so the tier may exceed the limit while all are used)."""
         self._cpu_lru[key] = None
         self._cpu_lru.move_to_end(key)
+        self._trim_cpu(keep=key)
+
+    def _trim_cpu(self, keep: AdapterKey | None = None) -> None:
+        """Drop the oldest unpinned CPU copies (but `keep`'s) while the tier is over
+        max_cpu_loras: on each use, and as pins are released, so a tier that grew past the
+        limit while more adapters than that were in use shrinks back when they finish."""
         limit = self.cfg.max_cpu_loras
         if limit is None:
             return
         for k in list(self._cpu_lru):
             if len(self._cpu_lru) <= limit:
                 break
-            if self._users[k] == 0 and k != key:
+            if self._users[k] == 0 and k != keep:
                 del self._cpu_lru[k]
                 self._drop_copy(self._versions[k])
                 self.stats["cpu_evictions"] += 1
@@ -232,6 +238,8 @@ class LoRAManager:
         if self._users[key] <= 0:
             del self._users[key]
             self._maybe_drop(key)
+            if len(self._cpu_lru) > (self.cfg.max_cpu_loras or len(self._cpu_lru)):
+                self._trim_cpu()
 
     # ---- device slots (called by the scheduler) ---------------------------------------------
     def activate(self, key: AdapterKey) -> int | None:
