@@ -254,10 +254,12 @@ def test_adapter_reads_never_run_on_the_step_thread(tiny_model_factory, tmp_path
 
 
 def test_loads_that_must_not_replace_check_at_registration(tiny_model_factory, tmp_path):
-    """Two loads of one new name without load_inplace, both read before either registers:
-    exactly one adds it, the other gets AdapterExistsError (the server's 400 "already loaded"),
-    never both told they added it while one silently replaced the other. A --lora-dir first-use
-    load started after an explicit load of the same name keeps the explicit one."""
+    """Two loads of one new name without load_inplace: exactly one adds it, the other gets
+    AdapterExistsError (the server's 400 "already loaded"), never both told they added it
+    while one silently replaced the other. A --lora-dir first-use load started after an
+    explicit load of the same name keeps the explicit one. (Both orders below are fixed: the
+    reads run in submission order on the one loader thread, and each registration follows its
+    read, so the second registration always finds the name taken.)"""
     from lora_helpers import make_peft_adapter
 
     from loraplex.lora.adapter import AdapterExistsError

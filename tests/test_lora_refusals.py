@@ -72,8 +72,16 @@ def test_non_finite_weights_are_refused_in_every_adapter_dtype(env, dtype, value
     {"target_modules": ["self_attn.q_proj", "model.layers.0.self_attn.v_proj", "v_proj"]},
     {"exclude_modules": ["o_proj", "embed_tokens"]},
     {"layers_to_transform": [0, 1, 2], "layers_pattern": "layers"},
+    # values of the types PEFT writes, and initializations that leave the base as it is
+    {"lora_alpha": 16.0, "alpha_pattern": {"q_proj": 32.0, "v_proj": 8}},
+    {"exclude_modules": r".*\.embed_tokens",
+     "rank_pattern": {"^model.layers.0.self_attn.q_proj": 8}},
+    *({"init_lora_weights": v} for v in (True, False, "gaussian", "eva", "orthogonal", "mica",
+                                         "lora_ga")),
 ], ids=["all-linear", "ALL-LINEAR", "regex-excluding-lm_head", "dotted-and-full", "exclude",
-        "layers-pattern"])
+        "layers-pattern", "float-alphas", "regex-exclude-and-rank-key", "init-true",
+        "init-false", "init-gaussian", "init-eva", "init-orthogonal", "init-mica",
+        "init-lora_ga"])
 def test_configs_selecting_the_weights_modules_load(env, edit, tmp_path):
     """Configs under which PEFT adapts every module the weights hold (and nothing they lack
     matters): accepted, with the same modules as the unedited adapter."""
@@ -115,6 +123,15 @@ def test_config_without_target_modules_gets_peft_defaults(env, how, tmp_path):
     with pytest.raises(LoRAError, match=r"down_proj, which adapter_config.json does not select "
                                         r"\(no target_modules, so PEFT's default"):
         load_adapter("more", more, cfg, 8)
+
+
+def test_layers_to_transform_as_one_index_loads(env, tmp_path):
+    base, _, _, llm, _ = env
+    d = make_peft_adapter(base, tmp_path / "one-layer", seed=4, r=8, lora_alpha=16,
+                          target_modules=["q_proj"], layers_to_transform=1)
+    assert json.loads((d / "adapter_config.json").read_text())["layers_to_transform"] == 1
+    mods = load_adapter("one-layer", d, llm.engine.model_config, 8).modules
+    assert sorted(mods) == [(1, "q_proj")]
 
 
 def test_rank_above_max_is_refused(env):

@@ -203,6 +203,30 @@ def test_runtime_load_use_unload(server, client, adapters):
     server.wait_idle()
 
 
+def test_concurrent_loads_of_one_new_name_add_it_once(server, client, adapters):
+    """Without load_inplace, two loads of one new name racing each other: one 200, one 400
+    "already loaded" (the check is made when the adapter is registered, not before its read),
+    and the name serves the weights of the load that answered 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(which: str) -> int:
+        return http(server).post("/v1/load_lora_adapter", json={
+            "lora_name": "twice", "lora_path": str(adapters[which])}).status_code
+
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(load, ["alpha", "beta"]))
+        assert sorted(codes) == [200, 400], codes
+        winner = "alpha" if codes[0] == 200 else "beta"
+        got, want = (client.chat.completions.create(model=m, messages=Q, max_tokens=8,
+                                                    temperature=0).choices[0].message.content
+                     for m in ("twice", winner))
+        assert got == want
+        assert http(server).post("/v1/unload_lora_adapter",
+                                 json={"lora_name": "twice"}).status_code == 200
+    server.wait_idle()
+
+
 def test_runtime_load_errors(server, tmp_path, adapters):
     h = http(server)
     r = h.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/no/such/dir"})

@@ -4,9 +4,10 @@ A folder is `adapter_config.json` + `adapter_model.safetensors` (or, only with a
 opt-in, `adapter_model.bin` read with `torch.load(weights_only=True)`). Everything that changes
 the math and is not implemented (DoRA, modules_to_save, LoRA bias, embedding or lm_head LoRA,
 Activated LoRA, QA-LoRA, trainable tokens, LoRA on parameters, the other LoRA variants
-listed in `_UNSUPPORTED` and `_UNSUPPORTED_SUBCONFIGS`, and the initializations with which PEFT
-rewrites the base weights on load: PiSSA, OLoRA, CorDA, LoftQ) is refused by name, never
-ignored. Every error is a LoRAError naming the module and the shapes, or the config field.
+listed in `_UNSUPPORTED` and `_UNSUPPORTED_SUBCONFIGS`, and initializations other than
+`_PLAIN_INITS`: with PiSSA, OLoRA and LoftQ PEFT rewrites the base weights on load) is refused
+by name, never ignored. Every error is a LoRAError naming the module and the shapes, or the
+config field.
 
 The weights file says which modules are adapted; the config must agree. PEFT builds LoRA layers
 only where the config's target_modules / exclude_modules / layers_to_transform select a module
@@ -156,16 +157,19 @@ _UNSUPPORTED_SUBCONFIGS = {
     "kasa_config": "KaSA (a truncated base weight and a diagonal between A and B)",
     "monteclora_config": "MonteCLoRA (sampled adapters)",
 }
-# init_lora_weights values with which PEFT, on loading the adapter, rewrites the base weights
-# it adapts (PiSSA and OLoRA subtract the initial B A, CorDA likewise, LoftQ swaps in its
-# quantized weights): served on the unchanged base, such an adapter gives other outputs.
-# PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) converts PiSSA, OLoRA and
-# CorDA adapters into plain ones (init_lora_weights=true) that need no such rewrite.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights values that leave the base weights as they are when PEFT loads the adapter
+# (its saved A and B then replace whatever the initialization made). Any other value is
+# refused: with pissa* and olora PEFT subtracts the initial B A from the base weights it
+# adapts, with loftq it swaps in its quantized ones (served on the unchanged base, such an
+# adapter gives other outputs), corda needs PEFT's preprocessing before it loads at all, and an
+# initialization newer than this list may do either. PEFT's save_pretrained(
+# path_initial_model_for_weight_conversion=...) turns PiSSA and OLoRA adapters into plain ones
+# (init_lora_weights=true).
+_PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal", "mica", "lora_ga"}
 # PEFT's target modules for a config without target_modules, for every architecture loraplex
 # serves (llama, mistral, qwen2, qwen3: peft.utils.constants.
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
 def _selects(cfg: dict, key: str, where: str) -> bool:
@@ -235,22 +239,24 @@ def _check_config(cfg: dict, where: str) -> None:
     for key, what in _UNSUPPORTED_SUBCONFIGS.items():
         if cfg.get(key) is not None:
             refused.append(f"{what} ({key}={cfg[key]!r})")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    init = cfg.get("init_lora_weights", True)
+    if init is not None and str(init).lower() not in _PLAIN_INITS:
         refused.append(
-            f"init_lora_weights={init!r} (PEFT rewrites the base weights for this adapter when "
-            f"it loads it; convert it to a plain LoRA with PEFT's save_pretrained("
-            f"path_initial_model_for_weight_conversion=...) where PEFT supports that)")
+            f"init_lora_weights={init!r} (with PiSSA, OLoRA and LoftQ PEFT rewrites the base "
+            f"weights when it loads the adapter, CorDA needs PEFT's preprocessing; PiSSA and "
+            f"OLoRA adapters convert to plain ones with PEFT's save_pretrained("
+            f"path_initial_model_for_weight_conversion=...))")
     targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, (str, list)):
-        raise LoRAError(f"{where}: target_modules must be a list of names or a regex string, "
-                        f"got {targets!r}")
-    if isinstance(targets, str) and cfg.get("layers_to_transform") is not None:
-        # PEFT refuses this config (LoraConfig.__post_init__); matched as a regex, the layer
-        # list would be silently ignored
-        raise LoRAError(f"{where}: layers_to_transform={cfg['layers_to_transform']!r} cannot "
-                        f"be combined with target_modules as a string ({targets!r}); PEFT "
-                        f"refuses this config too")
+    # Configs PEFT refuses (LoraConfig.__post_init__); matched as a regex, a string target
+    # would silently ignore the layer fields.
+    for field in ("layers_to_transform", "layers_pattern"):
+        if isinstance(targets, str) and cfg.get(field) not in (None, []):
+            raise LoRAError(f"{where}: {field}={cfg[field]!r} cannot be combined with "
+                            f"target_modules as a string ({targets!r}); PEFT refuses this "
+                            f"config too")
+    if cfg.get("layers_pattern") not in (None, []) and cfg.get("layers_to_transform") is None:
+        raise LoRAError(f"{where}: layers_pattern={cfg['layers_pattern']!r} needs "
+                        f"layers_to_transform; PEFT refuses this config too")
     # as PEFT matches them: the full module names of the input embedding and the output head
     for bad, full in (("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")):
         if targets is not None and _selects(cfg, full, where):
@@ -264,7 +270,8 @@ def _is_int(v: object) -> bool:
 
 
 def _is_number(v: object) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    # (a JSON integer may have any number of digits: bounded so float() of it cannot overflow)
+    return (_is_int(v) and abs(v) < 2 ** 63) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _check_values(cfg: dict, where: str) -> None:
@@ -294,6 +301,10 @@ def _check_values(cfg: dict, where: str) -> None:
             except re.error as e:
                 raise LoRAError(f"{where}: adapter_config.json {field} key {key!r} is not a "
                                 f"valid regex ({e})") from None
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", "a list of module names or a regex string")
     layers = cfg.get("layers_to_transform")
     if layers is not None and not _is_int(layers) and not (
             isinstance(layers, list) and all(_is_int(v) for v in layers)):
@@ -429,9 +440,10 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
     except ValueError as e:
         raise LoRAError(f"adapter {name!r}: adapter_config.json is not valid JSON ({e})") from None
     where = f"adapter {name!r}"
-    if cfg.get("target_modules") is None:
+    default_targets = cfg.get("target_modules") is None
+    if default_targets:
         # PEFT fills in its default targets for the architecture and ignores any other weights
-        cfg["target_modules"] = PEFT_DEFAULT_TARGETS
+        cfg["target_modules"] = list(PEFT_DEFAULT_TARGETS)
     _check_config(cfg, where)
     weights, raw, size = _read_weights(folder, allow_pickle, take)
     held = None
@@ -441,7 +453,7 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
         # adversary able to load adapters needs no collision to serve what they like).
         digest = xxhash.xxh3_128(cfg_bytes)
         digest.update(memoryview(raw)[:size])
-        plan = _validate(where, cfg, weights.info, base, max_lora_rank)
+        plan = _validate(where, cfg, weights.info, base, max_lora_rank, default_targets)
         table, held = _build_table(weights, plan, dtype, take)
         # One reduction over every weight: NaN and inf propagate into the sum (a finite
         # overflow would need values no adapter has), several times cheaper than isfinite().
@@ -509,9 +521,11 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype, take: Ta
 
 
 def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-              base: ModelConfig, max_lora_rank: int) -> list[_Planned]:
+              base: ModelConfig, max_lora_rank: int, default_targets: bool = False
+              ) -> list[_Planned]:
     """Every tensor name and shape checked against the base model and the config; the plan of
-    modules, sorted by (layer, projection)."""
+    modules, sorted by (layer, projection). default_targets: target_modules is PEFT's default,
+    put in by load_adapter for a config without any (named so in the errors)."""
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in info:
         m = _KEY.match(key)
@@ -563,10 +577,8 @@ def _validate(where: str, cfg: dict, info: dict[str, tuple[torch.dtype, tuple[in
             raise LoRAError(f"{where}: {mod_name} has rank {r} in its weights but {r_cfg} in "
                             f"adapter_config.json")
         if not _selects(cfg, mod_name, where):
-            # (the identity: load_adapter put PEFT's default in for a config without any)
-            targets = (f"no target_modules, so PEFT's default {PEFT_DEFAULT_TARGETS!r}"
-                       if cfg.get("target_modules") is PEFT_DEFAULT_TARGETS else
-                       f"target_modules={cfg.get('target_modules')!r}")
+            targets = (f"no target_modules, so PEFT's default {list(PEFT_DEFAULT_TARGETS)!r}"
+                       if default_targets else f"target_modules={cfg.get('target_modules')!r}")
             raise LoRAError(
                 f"{where}: the weights adapt {mod_name}, which adapter_config.json does not "
                 f"select ({targets}, exclude_modules="

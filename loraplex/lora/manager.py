@@ -3,7 +3,8 @@ device slots that one step's rows index.
 
 Tiers: disk (the PEFT folder, read and validated by `add_lora`) -> CPU (`LoRAAdapter.modules`,
 at most `max_cpu_loras` of them, least recently used dropped first and reloaded from disk on
-next use) -> device slots (`max_loras` of them, shared by every projection's `LoRASlots`).
+next use; more only while more are pinned, trimmed back on the next use or when the last pin
+is released) -> device slots (`max_loras` of them, shared by every projection's `LoRASlots`).
 Invariants:
   * a version is pinned (`_users`) from the moment a request is admitted to the engine until it
     finishes or aborts: its CPU copy is never dropped while pinned (not by the CPU LRU, not by
@@ -116,6 +117,7 @@ class LoRAManager:
         name = ad.name
         old = self._current.get(name)
         if old is not None and not replace:
+            self._drop_copy(ad)  # its buffer to the pool (the read still counts as a load)
             raise AdapterExistsError(f"adapter {name!r} is already registered")
         self._current[name] = ad
         self._versions[(name, ad.version)] = ad
@@ -143,10 +145,9 @@ class LoRAManager:
 
     def _trim_cpu(self, keep: AdapterKey | None = None) -> None:
         """Drop the oldest unpinned CPU copies (but `keep`'s) while the tier is over
-        max_cpu_loras: on each use, and as pins are released, so a tier that grew past the
-        limit while more adapters than that were in use shrinks back when they finish."""
+        max_cpu_loras."""
         limit = self.cfg.max_cpu_loras
-        if limit is None:
+        if limit is None or len(self._cpu_lru) <= limit:
             return
         for k in list(self._cpu_lru):
             if len(self._cpu_lru) <= limit:
@@ -206,6 +207,7 @@ class LoRAManager:
         if ad is not None and ad.modules is None and ad.version == fresh.version:
             ad.modules, ad.raw = fresh.modules, fresh.raw
             self.stats["cpu_misses"] += 1  # a miss served off the step path
+            self._cpu_touch((ad.name, ad.version))  # counted in the tier, as the newest
         else:
             self._drop_copy(fresh)
 
@@ -238,7 +240,12 @@ class LoRAManager:
         if self._users[key] <= 0:
             del self._users[key]
             self._maybe_drop(key)
-            if len(self._cpu_lru) > (self.cfg.max_cpu_loras or len(self._cpu_lru)):
+            if not self._users:
+                # Idle: a tier that grew past the limit while more adapters were in use
+                # shrinks back now, not at some next use. Only when nothing is pinned: a trim
+                # under load could drop a copy that a server's prefetch just read back for a
+                # request not yet admitted, whose pin would then read the file on the step
+                # thread. (Prefetched copies are the most recently used: kept by this trim.)
                 self._trim_cpu()
 
     # ---- device slots (called by the scheduler) ---------------------------------------------

@@ -26,12 +26,17 @@ def contained_path(root: Path, name: str) -> Path | None:
     # On the raw string: pathlib drops "." and empty components ("./x", "x/", "x//y" all
     # become x's parts), which would make one folder answer to endless names, each loaded and
     # registered as its own adapter.
-    if any(p in ("..", ".", "") for p in name.split("/")) or Path(name).is_absolute():
+    parts = name.split("/")
+    if any(p in ("..", ".", "") for p in parts):
         return None
     base = root.resolve()
     try:
+        # A symlinked folder on the way (DIR/link -> .) would do the same: link/x, link/link/x,
+        # ... The last component may be a symlink (an operator's alias for one adapter folder).
+        if any((base / "/".join(parts[:i])).is_symlink() for i in range(1, len(parts))):
+            return None
         target = (base / name).resolve(strict=False)
-    except (OSError, RuntimeError):  # symlink loop
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
         return None
     if target == base or not target.is_relative_to(base):
         return None
