@@ -245,7 +245,8 @@ class LoRAManager:
                 # shrinks back now, not at some next use. Only when nothing is pinned: a trim
                 # under load could drop a copy that a server's prefetch just read back for a
                 # request not yet admitted, whose pin would then read the file on the step
-                # thread. (Prefetched copies are the most recently used: kept by this trim.)
+                # thread. (Prefetched copies are the most recently used: this trim drops them
+                # last, and only if more of them wait than the limit holds.)
                 self._trim_cpu()
 
     # ---- device slots (called by the scheduler) ---------------------------------------------
