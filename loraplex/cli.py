@@ -74,8 +74,10 @@ def engine_config(args: argparse.Namespace):
         if hasattr(args, "served_model_name") else None)
 
 
-def parse_lora_module(spec: Any) -> tuple[str, str]:
-    """`name=path`, vLLM's JSON `{"name": ..., "path": ...}`, or (from YAML) a mapping."""
+def parse_lora_module(spec: Any) -> tuple[str, str, str | None]:
+    """`name=path`, vLLM's JSON `{"name": ..., "path": ..., "base_model_name": ...}` (the last
+    optional: the served model name listed as the adapter's parent), or (from YAML) a mapping.
+    Returns (name, path, base_model_name or None)."""
     from loraplex.config import ConfigError
 
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
@@ -83,8 +85,16 @@ def parse_lora_module(spec: Any) -> tuple[str, str]:
             spec = json.loads(spec)
         except ValueError as e:
             raise ConfigError(f"--lora-modules {spec!r}: invalid JSON ({e})") from None
+    parent = None
     if isinstance(spec, dict):
-        name, path = spec.get("name"), spec.get("path")
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown:  # as vLLM's LoRAModulePath(**spec) refuses them
+            raise ConfigError(f"--lora-modules {spec!r}: unknown key(s) "
+                              f"{', '.join(sorted(map(str, unknown)))} (name, path and "
+                              f"base_model_name are the keys)")
+        name, path, parent = spec.get("name"), spec.get("path"), spec.get("base_model_name")
+        if parent is not None and (not isinstance(parent, str) or not parent):
+            raise ConfigError(f"--lora-modules {spec!r}: base_model_name must be a name")
     elif isinstance(spec, str) and "=" in spec:
         name, path = spec.split("=", 1)
     else:
@@ -92,7 +102,7 @@ def parse_lora_module(spec: Any) -> tuple[str, str]:
                           '{"name": ..., "path": ...}')
     if not name or not path or not isinstance(name, str) or not isinstance(path, str):
         raise ConfigError(f"--lora-modules {spec!r}: both a name and a path are needed")
-    return name, path
+    return name, path, parent
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
@@ -119,18 +129,55 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in dests or dest in ("help", "config"):
             raise ConfigError(f"--config {known.config}: unknown setting {key!r}")
-        if dests[dest].nargs in ("+", "*") and not isinstance(value, list):
+        action = dests[dest]
+        if action.nargs in ("+", "*") and not isinstance(value, list):
             value = [value]
-        values[dest] = value
+        values[dest] = _checked(action, value, f"--config {known.config}: {key}")
     parser.set_defaults(**values)
+
+
+def _checked(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value as the flag would take it: argparse converts and checks only what it parses
+    from the command line, and a default set from the file would bypass both (2.5 for an int
+    flag failing deep in the engine, the string 'false' turning a switch on)."""
+    from loraplex.config import ConfigError
+
+    if value is None:
+        raise ConfigError(f"{where}: null is not a value (leave the key out for the default)")
+    if action.nargs == 0:  # a switch: store_true or --x/--no-x
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, list):
+        return [_checked_one(action, v, where) for v in value]
+    return _checked_one(action, value, where)
+
+
+def _checked_one(action: argparse.Action, value: Any, where: str) -> Any:
+    from loraplex.config import ConfigError
+
+    if action.type is not None and not isinstance(value, dict):
+        try:
+            value = action.type(value if isinstance(value, str) else
+                                # YAML numbers as the command line would spell them, so that
+                                # int rejects 2.5 (int(2.5) would truncate)
+                                str(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: invalid {getattr(action.type, '__name__', 'value')} "
+                              f"value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {sorted(action.choices)}")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from loraplex.server.launch import ServerConfig, serve
 
+    modules = [parse_lora_module(s) for s in args.lora_modules]
     cfg = ServerConfig(
         engine=engine_config(args), served_model_names=list(args.served_model_name or []),
-        lora_modules=[parse_lora_module(s) for s in args.lora_modules],
+        lora_modules=[(n, p) for n, p, _ in modules],
+        lora_parents={n: b for n, _, b in modules if b is not None},
         lora_dir=args.lora_dir,
         api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY")
         or os.environ.get("VLLM_API_KEY") or None,

@@ -299,3 +299,30 @@ def test_loads_that_must_not_replace_check_at_registration(tiny_model_factory, t
         asyncio.run(go())
     finally:
         eng.shutdown()
+
+
+def test_a_prefetched_copy_counts_as_one_miss_not_a_miss_and_a_hit(tiny_model_factory, tmp_path):
+    """A request for an adapter whose CPU copy was dropped: the server reads it back off the
+    step path (prefetch) and then pins it. One lookup, one CPU-tier miss, no hit."""
+    from lora_helpers import make_peft_adapter
+
+    base = tiny_model_factory("llama")
+    paths = [make_peft_adapter(base, tmp_path / f"a{i}", seed=i + 1, r=4, lora_alpha=8,
+                               target_modules=["q_proj"]) for i in range(2)]
+    eng = AsyncEngine.from_config(EngineConfig(model=str(base), max_model_len=64,
+                                               enable_lora=True, max_loras=1, max_cpu_loras=1))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def go():
+        await eng.add_lora("a0", str(paths[0]))
+        await eng.add_lora("a1", str(paths[1]))  # drops a0's copy (one CPU copy allowed)
+        lm = eng.engine.lora
+        assert lm.needs_reload("a0") is not None
+        before = dict(lm.stats)
+        [o async for o in eng.generate("hi", params, lora="a0")]
+        return {k: lm.stats[k] - before.get(k, 0) for k in ("cpu_misses", "cpu_hits")}
+
+    try:
+        assert asyncio.run(go()) == {"cpu_misses": 1, "cpu_hits": 0}
+    finally:
+        eng.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -40,12 +41,16 @@ def test_yaml_config_both_lora_module_forms_and_sigterm_drain(tiny, tiny_adapter
         f"  - '{{\"name\": \"json-form\", \"path\": \"{tiny_adapter}\"}}'\n"
         "log-level: warning\n")
     proc, url = start_cli_server(["--config", str(cfg), "--lora-modules",
-                                  f"cli-form={tiny_adapter}", "--max-num-seqs", "4"])
+                                  f"cli-form={tiny_adapter}",
+                                  json.dumps({"name": "cli-json", "path": str(tiny_adapter),
+                                              "base_model_name": "tiny-alias"}),
+                                  "--max-num-seqs", "4"])
     try:
         ids = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
         # the command line replaced the file's list: nargs flags override, not merge
-        assert set(ids) == {"tiny-base", "tiny-alias", "cli-form"}
+        assert set(ids) == {"tiny-base", "tiny-alias", "cli-form", "cli-json"}
         assert ids["cli-form"]["parent"] == "tiny-base"
+        assert ids["cli-json"]["parent"] == "tiny-alias"  # vLLM's base_model_name
         for model in ("tiny-alias", "cli-form"):
             r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "ab",
                                                           "max_tokens": 3})
@@ -84,6 +89,39 @@ def test_bad_flags_exit_2_with_a_reason(tiny, args, message):
     p = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny),
                         *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_adapter_flags_exit_2_with_a_reason(tiny, tiny_adapter):
+    """An adapter named as the base's default served name (the model folder's name) could
+    never be reached; vLLM's JSON form takes name, path and base_model_name only, and the
+    last must name a served model."""
+    cases = [
+        ([f"{tiny.name}={tiny_adapter}"], f"adapter name {tiny.name} clashes with the served"),
+        ([json.dumps({"name": "j", "path": str(tiny_adapter), "bogus": 1})],
+         "unknown key(s) bogus"),
+        ([json.dumps({"name": "j", "path": str(tiny_adapter), "base_model_name": "nope"})],
+         "base_model_name 'nope' is not a served model name"),
+    ]
+    for modules, message in cases:
+        p = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny),
+                            "--lora-modules", *modules], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, \
+            p.stderr
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("max-loras: 2.5\n", "max-loras: invalid int value 2.5"),
+    ("max-lora-rank: null\n", "max-lora-rank: null is not a value"),
+    ("enable-lora: 'false'\n", "enable-lora: expected true or false, got 'false'"),
+    ("dtype: float64\n", "'float64' is not one of"),
+])
+def test_yaml_values_are_checked_as_the_flags_are(tiny, tmp_path, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    p = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny),
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 def test_unknown_yaml_key_is_refused(tiny, tmp_path):
@@ -194,6 +232,9 @@ def test_health_and_metrics_names(tiny, tiny_adapter):
                      'loraplex_adapter_cache_hits_total{tier="device"}',
                      'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a1"'):
             assert name in seen, name
+        # the start-up load is in the load histogram too (its count is the loads counter)
+        for metric in ("loraplex_adapter_loads_total", "loraplex_adapter_load_seconds_count"):
+            assert re.search(rf"^{metric}(\{{[^}}]*\}})? 1\.0$", seen, re.M), metric
         server.wait_idle()
     finally:
         server.stop()

@@ -97,6 +97,9 @@ class LoRAManager:
         self.stats = Counter()
         self.load_seconds: deque[float] = deque(maxlen=4096)  # the latest cold loads
         self.on_load: Callable[[float], None] | None = None  # e.g. a metrics histogram
+        # copies read back off the step path (install_copy) whose pin has not come yet: that
+        # pin is the lookup already counted as a miss
+        self._prefetched: set[AdapterKey] = set()
         self.buffers = BufferPool()  # file buffers of dropped CPU copies, for the next load
 
     # ---- registry ---------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class LoRAManager:
             return
         ad = self._versions.pop(key, None)
         self._cpu_lru.pop(key, None)
+        self._prefetched.discard(key)
         slot = self._slot_of.pop(key, None)
         if slot is not None:
             self._clear_slot(slot)
@@ -192,6 +196,8 @@ class LoRAManager:
         """Forget a CPU copy; its file buffer goes to the pool if nothing views it any more
         (a caller still holding a module keeps the buffer alive, and it is simply not reused)."""
         ad.modules = None
+        if self._versions.get((ad.name, ad.version)) is ad:  # the registered copy itself
+            self._prefetched.discard((ad.name, ad.version))
         raw, ad.raw = ad.raw, None
         self.buffers.give(raw)
 
@@ -208,6 +214,7 @@ class LoRAManager:
             ad.modules, ad.raw = fresh.modules, fresh.raw
             self.stats["cpu_misses"] += 1  # a miss served off the step path
             self._cpu_touch((ad.name, ad.version))  # counted in the tier, as the newest
+            self._prefetched.add((ad.name, ad.version))  # its pin is this miss, not a hit
         else:
             self._drop_copy(fresh)
 
@@ -228,6 +235,8 @@ class LoRAManager:
                 ad = fresh
             else:
                 ad.modules, ad.raw = fresh.modules, fresh.raw
+        elif (name, ad.version) in self._prefetched:
+            self._prefetched.discard((name, ad.version))  # counted as a miss when read back
         else:
             self.stats["cpu_hits"] += 1
         key = (name, ad.version)

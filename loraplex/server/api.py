@@ -7,7 +7,7 @@ import hmac
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,6 +53,7 @@ class AppOptions:
     max_queued_requests: int = 256
     max_queued_tokens: int = 1 << 21
     tenants: Tenants | None = None
+    lora_parents: dict[str, str] = field(default_factory=dict)  # name -> listed parent
 
 
 class _Guard:
@@ -99,6 +100,10 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
     base = opts.served_model_names[0]
     metrics = Metrics(lambda: engine.stats, base)
     if eng.lora is not None:
+        # the loads made before the app existed (--lora-modules at start-up) first, so that
+        # the histogram's count is loraplex_adapter_loads_total
+        for seconds in list(eng.lora.load_seconds):
+            metrics.adapter_load_seconds.observe(seconds)
         eng.lora.on_load = metrics.adapter_load_seconds.observe
     resolver = AdapterResolver(engine, opts.served_model_names, opts.lora_dir)
     serving = OpenAIServing(engine, resolver, metrics, opts.max_queued_requests, opts.tenants,
@@ -164,7 +169,8 @@ def build_app(engine: AsyncEngine, opts: AppOptions) -> FastAPI:
         """The models `who` may use: a tenant sees only its own adapters."""
         out = [model_card(n, str(eng.model_path), None, serving.max_model_len, created)
                for n in opts.served_model_names if Tenants.may_use(who, n, is_base=True)]
-        out += [model_card(a.name, str(a.path), base, serving.max_model_len, created)
+        out += [model_card(a.name, str(a.path), opts.lora_parents.get(a.name, base),
+                           serving.max_model_len, created)
                 for a in engine.list_loras() if Tenants.may_use(who, a.name, is_base=False)]
         return out
 

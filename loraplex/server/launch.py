@@ -27,6 +27,9 @@ class ServerConfig:
     engine: EngineConfig
     served_model_names: list[str] = field(default_factory=list)
     lora_modules: list[tuple[str, str]] = field(default_factory=list)  # (name, path)
+    # adapter name -> the served model name /v1/models lists as its parent (vLLM's
+    # base_model_name); an adapter not named here gets the first served name
+    lora_parents: dict[str, str] = field(default_factory=dict)
     lora_dir: str | None = None
     api_key: str | None = None
     enable_runtime_lora: bool = False
@@ -85,9 +88,18 @@ def build(cfg: ServerConfig):
 
     def make() -> Engine:  # runs on the engine's own step thread (see AsyncEngine)
         eng = Engine(cfg.engine)
+        base_names = cfg.served_model_names or [eng.served_model_name]
+        for name, parent in cfg.lora_parents.items():
+            if parent not in base_names:
+                raise ConfigError(f"--lora-modules {name}: base_model_name {parent!r} is not a "
+                                  f"served model name ({', '.join(base_names)})")
         for name, path in cfg.startup_adapters():
             if eng.lora is None:
                 raise ConfigError("adapters given but LoRA is disabled")
+            if name in base_names:  # (explicit names were checked already, the default not)
+                raise ConfigError(f"adapter name {name} clashes with the served model name "
+                                  f"(the model's default; set --served-model-name to serve "
+                                  f"the base under another name)")
             try:
                 eng.add_lora(name, path)
             except LoRAError as e:
@@ -100,7 +112,8 @@ def build(cfg: ServerConfig):
     names = cfg.served_model_names or [eng.served_model_name]
     app = build_app(engine, AppOptions(names, cfg.lora_dir, cfg.api_key, cfg.enable_runtime_lora,
                                        cfg.max_queued_requests, tenants=tenants,
-                                       max_queued_tokens=cfg.max_queued_tokens))
+                                       max_queued_tokens=cfg.max_queued_tokens,
+                                       lora_parents=dict(cfg.lora_parents)))
     log.info("engine ready in %.1fs: model %s, adapters: %s", time.perf_counter() - t0,
              names[0], ", ".join(a.name for a in eng.list_loras()) or "none")
     return engine, app
