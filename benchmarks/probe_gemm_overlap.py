@@ -63,18 +63,16 @@ OVERLAP_CPP = r"""
 #include <ATen/core/dispatch/Dispatcher.h>
 
 // oneDNN's linear on a pre-packed weight, as loraplex.model.layers.packed_linear calls it.
+static at::Tensor boxed(const c10::OperatorHandle& op, torch::jit::Stack st) {
+  op.callBoxed(&st);
+  return st[0].toTensor();
+}
+
 static at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack st;
-  st.emplace_back(x);
-  st.emplace_back(w);
-  st.emplace_back(c10::IValue());
-  st.emplace_back(std::string("none"));
-  st.emplace_back(c10::List<std::optional<at::Scalar>>());
-  st.emplace_back(std::string(""));
-  op.callBoxed(&st);
-  return st[0].toTensor();
+  return boxed(op, {x, w, c10::IValue(), std::string("none"),
+                    c10::List<std::optional<at::Scalar>>(), std::string("")});
 }
 
 // side: 0 base (w_head = the whole weight), 1 seq (same), 2 split, 3 split+seq, 4 overlap,
@@ -122,14 +120,7 @@ static at::Tensor packed_linear_add(const at::Tensor& x, const at::Tensor& other
                                     const at::Tensor& w) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
-  torch::jit::Stack st;
-  st.emplace_back(x);
-  st.emplace_back(other);
-  st.emplace_back(w);
-  st.emplace_back(c10::IValue());
-  st.emplace_back(std::string("add"));
-  op.callBoxed(&st);
-  return st[0].toTensor();
+  return boxed(op, {x, other, w, c10::IValue(), std::string("add")});
 }
 
 // The batch as two halves of rows, each on its own thread with single-threaded ops: rows

@@ -258,8 +258,9 @@ def _check_config(cfg: dict, where: str) -> None:
         raise LoRAError(f"{where}: layers_pattern={cfg['layers_pattern']!r} needs "
                         f"layers_to_transform; PEFT refuses this config too")
     # as PEFT matches them: the full module names of the input embedding and the output head
+    # (targets is never None here: load_adapter puts PEFT's default in for a config without)
     for bad, full in (("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")):
-        if targets is not None and _selects(cfg, full, where):
+        if _selects(cfg, full, where):
             refused.append(f"{bad} LoRA (target_modules={targets!r})")
     if refused:
         raise LoRAError(f"{where}: unsupported adapter feature(s): {'; '.join(refused)}")
