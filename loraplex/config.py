@@ -245,8 +245,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     allow_pickle_adapters: bool = False
-    # Adapter weights' dtype (vLLM's --lora-dtype): "auto" = the model's dtype. bfloat16 halves
-    # adapter memory and the bytes a step reads (the LoRA tax's floor) at bf16 rounding of A, B.
+    # Adapter weights' dtype (vLLM's --lora-dtype): "auto" = the model's dtype. bfloat16 and
+    # float16 halve adapter memory and the bytes a step reads (the LoRA tax's floor) at their
+    # rounding of A, B (float16's is 8x finer; its range, 65504, is checked at load).
     lora_dtype: str = "auto"
     cache: CacheConfig = field(init=False)
     scheduler: SchedulerConfig = field(init=False)

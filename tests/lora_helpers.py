@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 
 
 def make_peft_adapter(base_dir: Path, out: Path, seed: int, std: float = 0.1,
-                      bf16_exact: bool = False, **lora_kwargs) -> Path:
-    """A PEFT-written adapter with random non-zero B. bf16_exact: every A and B entry is a
-    bfloat16 value (stored as fp32), so casting the adapter to bf16 loses nothing."""
+                      exact_in: torch.dtype | None = None, **lora_kwargs) -> Path:
+    """A PEFT-written adapter with random non-zero B. exact_in (bfloat16 or float16): every A
+    and B entry is a value of that dtype (stored as fp32), so casting the adapter to it loses
+    nothing."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -26,8 +27,8 @@ def make_peft_adapter(base_dir: Path, out: Path, seed: int, std: float = 0.1,
         for name, p in model.named_parameters():
             if "lora_B" in name:  # PEFT initializes B to zero (a no-op adapter): randomize it
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-            if bf16_exact and "lora_" in name:
-                p.copy_(p.to(torch.bfloat16).float())
+            if exact_in is not None and "lora_" in name:
+                p.copy_(p.to(exact_in).float())
     model.save_pretrained(str(out))
     return out
 

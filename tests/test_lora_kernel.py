@@ -2,7 +2,8 @@
 every tile and pass: groups of 1..21 tokens (every token tile: 8, 4, 2 and 1 tokens with
 AVX-512, 6 down to 1 with AVX2; several work items per
 group), ranks whose padded width needs one, two or three vectors (masked tails), a 40-column
-shard (a partial 32-column block), unadapted shards, and every dtype mix; and, where the CPU
+shard (a partial 32-column block), unadapted shards, and every dtype mix (float16 adapters
+included); and, where the CPU
 has AVX512-BF16, the pair layout of bf16 activations and adapters (odd ranks, whose last pair
 is half zero; an odd max rank, rounded up to an even row count).
 
@@ -27,8 +28,8 @@ import torch
 
 from loraplex.lora.ops import LoRABatch, LoRASlots, reference_delta
 
-BF16, FP32 = torch.bfloat16, torch.float32
-MIXES = [(FP32, FP32), (FP32, BF16), (BF16, BF16), (BF16, FP32)]
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+MIXES = [(FP32, FP32), (FP32, BF16), (BF16, BF16), (BF16, FP32), (FP32, FP16), (BF16, FP16)]
 KERNEL_SRC = Path(__file__).resolve().parents[1] / "loraplex" / "kernels" / "lora.cpp"
 
 

@@ -84,30 +84,35 @@ def test_mixed_adapter_batch_matches_peft(tiny_model_factory, tmp_path, family, 
     assert llm.engine.lora.num_pinned == 0 and llm.engine.lora.num_running == 0
 
 
-def _bf16_exact_adapters(base, tmp):
-    # Power-of-two scales (alpha / r) and bf16-valued weights: a bf16 copy is lossless.
+def _exact_adapters(base, tmp, dtype: torch.dtype = torch.bfloat16):
+    # Power-of-two scales (alpha / r) and weights that are values of `dtype`: a copy in that
+    # dtype is lossless.
     specs = {"r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
              "r8": dict(r=8, lora_alpha=16, target_modules="all-linear"),
              "r16": dict(r=16, lora_alpha=16, target_modules=ALL7, rank_pattern={"down_proj": 4},
                          alpha_pattern={"down_proj": 8})}
-    return {n: make_peft_adapter(base, tmp / n, seed=i + 1, bf16_exact=True, **kw)
+    return {n: make_peft_adapter(base, tmp / n, seed=i + 1, exact_in=dtype, **kw)
             for i, (n, kw) in enumerate(specs.items())}
 
 
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
-def test_bf16_adapters_on_fp32_model_match_peft(tiny_model_factory, tmp_path, use_kernels):
-    """--lora-dtype bfloat16 on an fp32 model: adapters stored and read as bf16, arithmetic in
-    fp32. On adapters whose values are bf16 numbers the result is PEFT's fp32 one (1e-4)."""
+def test_16bit_adapters_on_fp32_model_match_peft(tiny_model_factory, tmp_path, use_kernels,
+                                                 lora_dtype):
+    """--lora-dtype bfloat16 / float16 on an fp32 model: adapters stored and read as 16-bit,
+    arithmetic in fp32 (the C++ kernel takes both). On adapters whose values are numbers of
+    that dtype the result is PEFT's fp32 one (1e-4)."""
     base = tiny_model_factory("llama")
-    paths = _bf16_exact_adapters(base, tmp_path)
+    dt = getattr(torch, lora_dtype)
+    paths = _exact_adapters(base, tmp_path, dt)
     oracle = PeftOracle(base, paths)
-    llm = LLM(str(base), dtype="float32", lora_dtype="bfloat16", max_model_len=256,
+    llm = LLM(str(base), dtype="float32", lora_dtype=lora_dtype, max_model_len=256,
               enable_lora=True, max_loras=3, max_lora_rank=16, use_kernels=use_kernels)
-    assert llm.engine.lora_dtype == torch.bfloat16
+    assert llm.engine.lora_dtype == dt
     assert (llm.engine.runner.lora_kernel is not None) == use_kernels
     for n, p in paths.items():
         ad = llm.add_lora(n, str(p))
-        assert all(m.a.dtype == torch.bfloat16 for m in ad.modules.values())
+        assert all(m.a.dtype == dt for m in ad.modules.values())
     rng = random.Random(7)
     names = ["r4", None, "r8", "r16", "r8", None, "r16"]
     prompts = [[rng.randrange(3, 259) for _ in range(rng.randrange(4, 40))] for _ in names]
@@ -123,7 +128,7 @@ def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_
     base, i.e. the LoRA path adds no error beyond bf16's own (with oneDNN's base GEMMs or the
     AMX one's, cpu_gemm "amx")."""
     base = tiny_model_factory("llama")
-    paths = _bf16_exact_adapters(base, tmp_path)
+    paths = _exact_adapters(base, tmp_path)
     oracle = PeftOracle(base, paths)
     llm = LLM(str(base), dtype="bfloat16", max_model_len=256, enable_lora=True, max_loras=3,
               max_lora_rank=16, use_kernels=use_kernels, cpu_gemm=gemm)
@@ -142,6 +147,33 @@ def test_bf16_model_with_adapters_tracks_peft(tiny_model_factory, tmp_path, use_
     # logits by far more than that (min_effect), so the comparison is not vacuous.
     worst = _check(llm, oracle, prompts, names, tol=0.1, same_tokens=False, min_effect=0.5)
     assert max(v for k, v in worst.items() if k is not None) <= 1.5 * worst[None], worst
+
+
+def test_float16_adapters_round_finer_than_bfloat16(tiny_model_factory, tmp_path):
+    """Adapters whose weights are no 16-bit numbers (PEFT's A, B ~ N(0, 0.1)) on an fp32 model:
+    stored as float16 (11-bit significand) they stay several times closer to PEFT's fp32 logits
+    than stored as bfloat16 (8 bits), both through the C++ kernel. Each adapter moves the
+    logits by > 0.05 (min_effect), so neither error is vacuous."""
+    base = tiny_model_factory("llama")
+    paths = {n: make_peft_adapter(base, tmp_path / n, seed=i + 11, r=16, lora_alpha=32,
+                                  target_modules=tm)
+             for i, (n, tm) in enumerate([("qv", ["q_proj", "v_proj"]), ("all", ALL7)])}
+    oracle = PeftOracle(base, paths)
+    rng = random.Random(9)
+    names = ["qv", "all", None, "all", "qv"]
+    prompts = [[rng.randrange(3, 259) for _ in range(rng.randrange(4, 40))] for _ in names]
+    worst = {}
+    for dt in ("float16", "bfloat16"):
+        llm = LLM(str(base), dtype="float32", lora_dtype=dt, max_model_len=256,
+                  enable_lora=True, max_loras=2, max_lora_rank=16)
+        assert llm.engine.runner.lora_kernel is not None
+        for n, p in paths.items():
+            llm.add_lora(n, str(p))
+        w = _check(llm, oracle, prompts, names, tol=1.0, same_tokens=False)
+        worst[dt] = max(v for k, v in w.items() if k is not None)
+        assert w[None] < 1e-4  # base rows: no adapter, fp32 as PEFT's
+    print("worst LoRA-row logit error vs PEFT fp32:", worst)
+    assert 0 < worst["float16"] < worst["bfloat16"] / 4, worst
 
 
 def test_config_without_target_modules_matches_peft(tiny_model_factory, tmp_path):
@@ -178,11 +210,12 @@ def test_more_adapters_than_slots_matches_peft(tiny_model_factory, tmp_path):
     assert llm.engine.lora.stats["evictions"] > 0
 
 
-BF16, FP32 = torch.bfloat16, torch.float32
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-@pytest.mark.parametrize("act,wt", [(FP32, FP32), (FP32, BF16), (BF16, BF16), (BF16, FP32)],
-                         ids=["x32-w32", "x32-w16", "x16-w16", "x16-w32"])
+@pytest.mark.parametrize("act,wt", [(FP32, FP32), (FP32, BF16), (BF16, BF16), (BF16, FP32),
+                                    (FP32, FP16), (BF16, FP16)],
+                         ids=["x32-w32", "x32-w16", "x16-w16", "x16-w32", "x32-wh", "x16-wh"])
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp", "torch"])
 def test_batched_op_equals_reference(use_kernel, act, wt):
     """Both paths, every mix of activation and adapter dtype, against the fp32 reference on the

@@ -65,6 +65,24 @@ def test_non_finite_weights_are_refused_in_every_adapter_dtype(env, dtype, value
         load_adapter("bad", d, cfg, 8, dtype=dtype)
 
 
+def test_weights_beyond_float16_range_are_refused_with_lora_dtype_float16(env):
+    """A finite fp32 weight above 65504 becomes inf in a float16 copy: refused, naming the
+    range and the dtypes that hold it; the same file loads in bf16 and fp32."""
+    _, tmp, good, llm, _ = env
+    cfg = llm.engine.model_config
+    d = tmp / "beyond-fp16"
+    shutil.copytree(good, d)
+
+    def big(sd):
+        sd[f"{KEY}.lora_B.weight"][2, 1] = 1e5
+
+    _edit_tensors(d, big)
+    with pytest.raises(LoRAError, match="beyond float16's range"):
+        load_adapter("big", d, cfg, 8, dtype=torch.float16)
+    for dt in (torch.bfloat16, torch.float32):
+        assert load_adapter("big", d, cfg, 8, dtype=dt).nbytes > 0
+
+
 @pytest.mark.parametrize("edit", [
     {"target_modules": "all-linear"},  # literal, as hand-written configs hold it
     {"target_modules": "ALL-LINEAR"},

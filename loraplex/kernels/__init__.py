@@ -204,11 +204,13 @@ def kernels_for(device, dtype, enabled: bool = True):
 
 def lora_kernel_for(device, dtype, lora_dtype, enabled: bool = True):
     """The C++ segmented LoRA delta if it serves these activation and adapter dtypes (CPU,
-    float32 or bfloat16 each), else None (the torch path)."""
+    float32 or bfloat16 activations; float32, bfloat16 or float16 adapters), else None (the
+    torch path)."""
     import torch
 
     ok = (torch.float32, torch.bfloat16)
-    if not enabled or device.type != "cpu" or dtype not in ok or lora_dtype not in ok:
+    if (not enabled or device.type != "cpu" or dtype not in ok
+            or lora_dtype not in (*ok, torch.float16)):
         return None
     # The op's direct binding: the same function as torch.ops.loraplex.lora_delta_, called
     # without the dispatcher (see the end of lora.cpp).

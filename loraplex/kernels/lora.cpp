@@ -25,10 +25,11 @@
 // through `Vec` (AVX-512, AVX2 or scalar). A token's sums run in the same order whatever tile
 // it lands in, so a row's result does not depend on the rest of the batch.
 //
-// dtypes: activations (x, y) float32 or bfloat16, adapter weights (ap, bp) float32 or bfloat16,
-// in any combination; products and sums are float32, y is rounded once (to nearest even) when a
-// bfloat16 row is stored, as `y + delta` in torch would. bf16 weights halve the bytes a step
-// must read, which is what bounds this kernel once a step uses many distinct adapters.
+// dtypes: activations (x, y) float32 or bfloat16, adapter weights (ap, bp) float32, bfloat16 or
+// float16, in any combination; products and sums are float32, y is rounded once (to nearest
+// even) when a bfloat16 row is stored, as `y + delta` in torch would. 16-bit weights halve the
+// bytes a step must read, which is what bounds this kernel once a step uses many distinct
+// adapters; float16 keeps 3 more mantissa bits than bfloat16 (widened by vcvtph2ps, exact).
 //
 // With `pairs` (bf16 activations and weights, built with AVX512-BF16): the same tensors in the
 // pair layout (see namespace pairs), run with vdpbf16ps, two multiply-adds per lane and
@@ -63,6 +64,7 @@
 namespace {
 
 using loraplex_vec::bf16;
+using loraplex_vec::f16;
 using loraplex_vec::put;
 using loraplex_vec::to_f;
 using loraplex_vec::Vec;
@@ -1073,8 +1075,9 @@ void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::T
   TORCH_CHECK(y.scalar_type() == act && bp.scalar_type() == wt,
               "lora_delta_: y must have x's dtype and bp ap's dtype");
   TORCH_CHECK((act == at::kFloat || act == at::kBFloat16) &&
-                  (wt == at::kFloat || wt == at::kBFloat16),
-              "lora_delta_: float32 or bfloat16 only");
+                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf),
+              "lora_delta_: float32 or bfloat16 activations, float32, bfloat16 or float16 "
+              "weights only");
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && ap.is_contiguous() &&
               bp.is_contiguous());
   const int64_t in = x.size(1), nsh = ranks.size(1);
@@ -1094,12 +1097,16 @@ void lora_delta_(at::Tensor y, at::Tensor x, at::Tensor ap, at::Tensor bp, at::T
   }
   if (act == at::kFloat && wt == at::kFloat)
     run<float, float>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
-  else if (act == at::kFloat)
+  else if (act == at::kFloat && wt == at::kBFloat16)
     run<float, bf16>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
+  else if (act == at::kFloat)
+    run<float, f16>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
   else if (wt == at::kFloat)
     run<bf16, float>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
-  else
+  else if (wt == at::kBFloat16)
     run<bf16, bf16>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
+  else
+    run<bf16, f16>(y, x, ap, bp, ranks, shard_sizes, tokens, offsets, slots);
 }
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {

@@ -1,12 +1,14 @@
 // One vector trait for every loraplex CPU kernel: `Vec` is AVX-512 (F+BW+VL), AVX2+FMA or a
 // single float lane, picked at compile time, so each kernel is written once and built for
-// whatever the machine has. Arithmetic is always float32; `load` widens bfloat16 and `store`
+// whatever the machine has. Arithmetic is always float32; `load` widens bfloat16 (and float16,
+// for adapter weights: exact, as every half is a float) and `store`
 // rounds back (to nearest even, NaN kept quiet: the same bits as c10's float -> BFloat16).
 // A lane's result never depends on its neighbours, and the scalar tails use the same formulas
 // (exp1 is exp16's polynomial), so a row's output does not depend on where it sits in a batch.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -15,9 +17,11 @@
 namespace loraplex_vec {
 
 using bf16 = c10::BFloat16;
+using f16 = c10::Half;  // loaded only (adapter weights), never stored
 
 inline float to_f(float v) { return v; }
 inline float to_f(bf16 v) { return static_cast<float>(v); }
+inline float to_f(f16 v) { return static_cast<float>(v); }
 inline void put(float* p, float v) { *p = v; }
 inline void put(bf16* p, float v) { *p = bf16(v); }  // round to nearest even
 // The value a float takes once stored as T (what torch's bf16 ops round every result to).
@@ -58,11 +62,15 @@ struct Vec {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static R load(const f16* p) {  // vcvtph2ps (AVX512F)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static R load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static R load(const bf16* p, Mask m) {
     const __m256i h = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static R load(const f16* p, Mask m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
   // Rounded to nearest even at bit 16, NaN -> quiet NaN: bf16's bits in the high half.
   static __m512i bf16_bits(R v) {
     const __m512i b = _mm512_castps_si512(v);
@@ -118,6 +126,15 @@ struct Vec {
   static R load(const bf16* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static R load(const f16* p) {
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else  // (every AVX2 CPU has F16C; kept for a compiler told otherwise)
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = to_f(p[i]);
+    return _mm256_load_ps(f);
+#endif
   }
   template <typename P>
   static R load(const P* p, Mask) { return load(p); }

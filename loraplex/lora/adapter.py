@@ -462,7 +462,9 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
         # up-conversion of every element: 1.5-8 ms for a SmolLM2 adapter, the sum 0.2 ms).
         acc = torch.float32 if dtype == torch.float16 else dtype
         if table.flat.numel() and not bool(torch.isfinite(table.flat.sum(dtype=acc))):
-            raise LoRAError(f"{where}: the adapter has NaN or infinite weights")
+            beyond = (" (or weights beyond float16's range, 65504: serve it with --lora-dtype "
+                      "bfloat16 or float32)" if dtype == torch.float16 else "")
+            raise LoRAError(f"{where}: the adapter has NaN or infinite weights{beyond}")
     except BaseException:
         weights = table = None  # drops the buffers' exports before `give`
         if give is not None:

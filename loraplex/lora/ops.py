@@ -26,7 +26,7 @@ the first r rows: the C++ kernel computes only those, the torch path the first r
 rank bucket.
 
 Two paths, chosen once per step by the runner (`LoRABatch.build`): the C++ segmented kernel
-(CPU, fp32 or bf16 activations and adapters in any mix, fp32 arithmetic: one call per
+(CPU, fp32 or bf16 activations, fp32, bf16 or fp16 adapters, fp32 arithmetic: one call per
 projection, tokens grouped by adapter, only real ranks computed) and a pure-torch gather + bmm
 path (any device/dtype; one gather + bmm pair per rank bucket, each bucket's ranks zero-padded
 to its top, a multiple of 8). The adapters' dtype (`lora_dtype`) may differ from the
