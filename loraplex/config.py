@@ -82,7 +82,11 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool  # bias on q/k/v (Qwen2)
+    # Biases, as HF's modeling code builds each family (it ignores the config keys where it
+    # hard-codes them): q/k/v always in Qwen2, never in Mistral; q/k/v and o per
+    # `attention_bias` in Llama and Qwen3; gate/up/down per `mlp_bias` in Llama only.
+    qkv_bias: bool
+    o_bias: bool
     qk_norm: bool  # RMSNorm on q and k per head (Qwen3)
     mlp_bias: bool
     sliding_window: int | None
@@ -123,6 +127,7 @@ class ModelConfig:
             window = None
         if family == "qwen3" and not cfg.get("use_sliding_window", False):
             window = None
+        attn_bias = bool(cfg.get("attention_bias", False)) and family in ("llama", "qwen3")
         return ModelConfig(
             architecture=arch,
             family=family,
@@ -136,9 +141,10 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            qkv_bias=attn_bias or family == "qwen2",
+            o_bias=attn_bias,
             qk_norm=family == "qwen3",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and family == "llama",
             sliding_window=int(window) if window else None,
             rope=RopeConfig.from_hf(cfg),
             bos_token_id=cfg.get("bos_token_id"),

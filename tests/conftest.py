@@ -51,6 +51,16 @@ FAMILIES: dict[str, dict] = {
                   use_sliding_window=False),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64,
                   use_sliding_window=False),
+    # biases on q/k/v and o (and on the MLP: Llama's mlp_bias)
+    "llama_bias": dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                       attention_bias=True, mlp_bias=True),
+    "qwen3_bias": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64,
+                       use_sliding_window=False, attention_bias=True),
+    # keys HF's code ignores for these families: Mistral has no biases, Qwen2 q/k/v only
+    "mistral_keys": dict(architectures=["MistralForCausalLM"], model_type="mistral",
+                         sliding_window=None, attention_bias=True, mlp_bias=True),
+    "qwen2_keys": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                       use_sliding_window=False, attention_bias=True, mlp_bias=True),
 }
 
 

@@ -67,7 +67,7 @@ def _check(llm, oracle, prompts, names, tol: float = 1e-4, same_tokens: bool = T
 
 
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "torch"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "llama_bias", "qwen3_bias"])
 def test_mixed_adapter_batch_matches_peft(tiny_model_factory, tmp_path, family, use_kernels):
     base = tiny_model_factory(family)
     paths = _adapters(base, tmp_path)

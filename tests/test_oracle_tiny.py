@@ -18,7 +18,8 @@ from oracle import (
     ours_greedy_with_logits,
 )
 
-FAMILIES = ["llama", "llama3_rope", "mistral", "mistral_window", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3_rope", "mistral", "mistral_window", "qwen2", "qwen3", "llama_bias",
+            "qwen3_bias", "mistral_keys", "qwen2_keys"]
 N_NEW = 24
 
 

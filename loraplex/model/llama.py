@@ -44,8 +44,8 @@ class LlamaAttention(nn.Module):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
         self.q_size, self.kv_size = h * d, hkv * d
-        self.qkv_proj = Linear(cfg.hidden_size, [h * d, hkv * d, hkv * d], bias=cfg.attention_bias)
-        self.o_proj = Linear(h * d, [cfg.hidden_size])
+        self.qkv_proj = Linear(cfg.hidden_size, [h * d, hkv * d, hkv * d], bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * d, [cfg.hidden_size], bias=cfg.o_bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rope
