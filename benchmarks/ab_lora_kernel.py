@@ -18,7 +18,7 @@ its adapters between the GEMMs goes under. It also prints the LoRA calls' own ti
 A step's tokens are laid out as the runner lays them out, one adapter's rows side by side.
 
     python benchmarks/ab_lora_kernel.py --before HEAD~1 [--after WORKTREE] [--ks 1,8,32]
-        [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16]
+        [--tokens 64] [--reps 40] [--dtype float32|bfloat16] [--lora-dtype float32|bfloat16|float16]
         [--with-base [--read-only]] [--pairs [--pairs-before]]
 
 --dtype is the activations' (the model's) dtype. --pairs gives the after side the kernel's pair
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--pairs", action="store_true",
                     help="the after side takes the pair layout (bf16 x and adapters)")
     ap.add_argument("--pairs-before", action="store_true",

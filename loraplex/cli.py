@@ -47,7 +47,7 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="adapter weights' dtype (auto = the model's); bfloat16 and float16 "
                         "halve adapter memory and LoRA's per-step reads (float16: finer "
-                        "rounding, range 65504)")
+                        "rounding, range 65504 for B x scale)")
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapter copies kept in CPU memory (LRU; default: all registered)")
     g.add_argument("--lora-dir", default=None,

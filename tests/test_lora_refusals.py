@@ -83,6 +83,37 @@ def test_weights_beyond_float16_range_are_refused_with_lora_dtype_float16(env):
         assert load_adapter("big", d, cfg, 8, dtype=dt).nbytes > 0
 
 
+def test_float16_b_times_scale_beyond_range_is_refused(env):
+    """B in range but B x scale (what the device slot holds) beyond 65504: refused naming the
+    module and the product; at exactly 65504 it loads and serves finite logits."""
+    base, tmp, good, llm, _ = env
+    cfg = llm.engine.model_config
+    ad = load_adapter("good", good, cfg, 8, dtype=torch.float16)
+    key = next(k for k in ad.modules if ad.modules[k].scale > 1)
+    scale = ad.modules[key].scale
+    assert key[1] in ("q_proj", "v_proj")  # the env adapter's targets
+    name = f"base_model.model.model.layers.{key[0]}.self_attn.{key[1]}"
+    seen: list[torch.Tensor] = []
+    for value, ok in ((65504 / scale * 1.01, False), (65504 / scale, True)):
+        d = tmp / f"scaled-{ok}"
+        shutil.copytree(good, d)
+
+        def put(sd, v=value):
+            sd[f"{name}.lora_B.weight"][0, 0] = v
+
+        _edit_tensors(d, put)
+        if ok:
+            llm16 = LLM(str(base), max_model_len=128, enable_lora=True, max_lora_rank=8,
+                        lora_dtype="float16")
+            llm16.add_lora("edge", str(d))
+            llm16.engine.runner.logits_hook = lambda rows, logits: seen.append(logits.clone())
+            llm16.generate("hello", GREEDY, lora="edge")
+            assert seen and all(bool(torch.isfinite(lg).all()) for lg in seen)
+        else:
+            with pytest.raises(LoRAError, match=f"layer {key[0]} {key[1]}: B x scale"):
+                load_adapter("over", d, cfg, 8, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("edit", [
     {"target_modules": "all-linear"},  # literal, as hand-written configs hold it
     {"target_modules": "ALL-LINEAR"},

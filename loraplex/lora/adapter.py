@@ -471,6 +471,8 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
             beyond = (" (or weights beyond float16's range, 65504: serve it with --lora-dtype "
                       "bfloat16 or float32)" if dtype == torch.float16 else "")
             raise LoRAError(f"{where}: the adapter has NaN or infinite weights{beyond}")
+        if dtype == torch.float16:
+            _check_float16_scaled(where, table)
     except BaseException:
         weights = table = None  # drops the buffers' exports before `give`
         if give is not None:
@@ -485,6 +487,22 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
     if give is not None and isinstance(raw, bytearray) and raw is not held:
         give(raw)
     return ad
+
+
+def _check_float16_scaled(where: str, table: ModuleTable) -> None:
+    """The device slots hold B x scale (ops.LoRASlots.write), in float16 too: a finite B whose
+    product with a scale above 1 passes 65504 would be inf there, and every row using the
+    adapter NaN. Refused at load instead, naming the module (~1 ms a SmolLM2 adapter)."""
+    for key in table:
+        m = table[key]
+        if m.scale > 1:
+            lo, hi = torch.aminmax(m.b)
+            big = max(-float(lo), float(hi))
+            if big * m.scale > 65504:
+                raise LoRAError(
+                    f"{where}: layer {key[0]} {key[1]}: B x scale reaches {big * m.scale:.6g} "
+                    f"(|B| up to {big:.6g}, scale {m.scale:g}), beyond float16's range, 65504: "
+                    f"serve it with --lora-dtype bfloat16 or float32")
 
 
 # One module of the plan: (layer, proj, A's tensor name, B's, scale).
