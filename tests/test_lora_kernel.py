@@ -1,11 +1,10 @@
 """The C++ LoRA kernel's register tiles against the fp32 per-row reference, at shapes that reach
 every tile and pass: groups of 1..21 tokens (every token tile: 8, 4, 2 and 1 tokens with
-AVX-512, 6 down to 1 with AVX2; several work items per
-group), ranks whose padded width needs one, two or three vectors (masked tails), a 40-column
-shard (a partial 32-column block), unadapted shards, and every dtype mix (float16 adapters
-included); and, where the CPU
-has AVX512-BF16, the pair layout of bf16 activations and adapters (odd ranks, whose last pair
-is half zero; an odd max rank, rounded up to an even row count).
+AVX-512, 6 down to 1 with AVX2; several work items per group), ranks whose padded width needs
+one, two or three vectors (masked tails), a 40-column shard (a partial 32-column block),
+unadapted shards, and every dtype mix (float16 adapters included); and, where the CPU has
+AVX512-BF16, the pair layout of bf16 activations and adapters (odd ranks, whose last pair is
+half zero; an odd max rank, rounded up to an even row count).
 
 The same check runs on the kernel compiled for each instruction set it has a body for: the
 native build (AVX-512 or AVX2, as the CPU has), AVX2 + FMA and portable scalar code, each built

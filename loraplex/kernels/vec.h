@@ -1,8 +1,8 @@
 // One vector trait for every loraplex CPU kernel: `Vec` is AVX-512 (F+BW+VL), AVX2+FMA or a
 // single float lane, picked at compile time, so each kernel is written once and built for
 // whatever the machine has. Arithmetic is always float32; `load` widens bfloat16 (and float16,
-// for adapter weights: exact, as every half is a float) and `store`
-// rounds back (to nearest even, NaN kept quiet: the same bits as c10's float -> BFloat16).
+// for adapter weights; both exactly) and `store` rounds back to bfloat16 (to nearest even, NaN
+// kept quiet: the same bits as c10's float -> BFloat16).
 // A lane's result never depends on its neighbours, and the scalar tails use the same formulas
 // (exp1 is exp16's polynomial), so a row's output does not depend on where it sits in a batch.
 #pragma once
