@@ -83,12 +83,31 @@ def test_weights_beyond_float16_range_are_refused_with_lora_dtype_float16(env):
         assert load_adapter("big", d, cfg, 8, dtype=dt).nbytes > 0
 
 
+def test_converted_b_holds_b_times_scale_rounded_once(env):
+    """An fp32 file loaded as float16 or bfloat16 with a scale that is no power of two (12/8):
+    each B holds fl16(B x scale) from the file's fp32 values, its scale 1, so the slots'
+    product is rounded once (B rounded, then the product, differs in ~1/4 of the elements)."""
+    base, tmp, _, llm, _ = env
+    path = make_peft_adapter(base, tmp / "scale1.5", seed=5, r=8, lora_alpha=12,
+                             target_modules=["q_proj", "v_proj"])
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    cfg = llm.engine.model_config
+    assert load_adapter("f32", path, cfg, 8).modules[(0, "q_proj")].scale == 1.5
+    for dt in (torch.float16, torch.bfloat16):
+        ad = load_adapter("half", path, cfg, 8, dtype=dt)
+        m = ad.modules[(0, "q_proj")]
+        b32 = sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+        assert m.scale == 1.0 and m.b.dtype == dt
+        assert torch.equal(m.b, (b32 * 1.5).to(dt))
+        assert not torch.equal(m.b, b32.to(dt) * 1.5)  # what rounding twice gives
+
+
 def test_float16_b_times_scale_beyond_range_is_refused(env):
     """B in range but B x scale (what the device slot holds) beyond 65504: refused naming the
     module and the product; at exactly 65504 it loads and serves finite logits."""
     base, tmp, good, llm, _ = env
     cfg = llm.engine.model_config
-    ad = load_adapter("good", good, cfg, 8, dtype=torch.float16)
+    ad = load_adapter("good", good, cfg, 8, dtype=torch.float32)  # the file's: scale kept
     key = next(k for k in ad.modules if ad.modules[k].scale > 1)
     scale = ad.modules[key].scale
     assert key[1] in ("q_proj", "v_proj")  # the env adapter's targets
@@ -110,8 +129,14 @@ def test_float16_b_times_scale_beyond_range_is_refused(env):
             llm16.generate("hello", GREEDY, lora="edge")
             assert seen and all(bool(torch.isfinite(lg).all()) for lg in seen)
         else:
-            with pytest.raises(LoRAError, match=f"layer {key[0]} {key[1]}: B x scale"):
+            with pytest.raises(LoRAError, match=f"layer {key[0]} {key[1]}.*float16's range"):
                 load_adapter("over", d, cfg, 8, dtype=torch.float16)
+            # the same B in a float16 file (no conversion, the scale kept apart): refused too
+            h = tmp / "scaled-f16-file"
+            shutil.copytree(d, h)
+            _edit_tensors(h, lambda sd: sd.update({k: v.half() for k, v in sd.items()}))
+            with pytest.raises(LoRAError, match=f"layer {key[0]} {key[1]}: B x scale"):
+                load_adapter("over16", h, cfg, 8, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("edit", [

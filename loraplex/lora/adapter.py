@@ -468,9 +468,11 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
         else:
             finite = not flat.numel() or bool(torch.isfinite(flat.sum(dtype=dtype)))
         if not finite:
-            beyond = (" (or weights beyond float16's range, 65504: serve it with --lora-dtype "
-                      "bfloat16 or float32)" if dtype == torch.float16 else "")
-            raise LoRAError(f"{where}: the adapter has NaN or infinite weights{beyond}")
+            beyond = (" (or weights, B x scale included, beyond float16's range, 65504: serve "
+                      "it with --lora-dtype bfloat16 or float32)"
+                      if dtype == torch.float16 else "")
+            raise LoRAError(f"{where}: the adapter has NaN or infinite weights "
+                            f"(first in {_first_nonfinite(table)}){beyond}")
         if dtype == torch.float16:
             _check_float16_scaled(where, table)
     except BaseException:
@@ -489,10 +491,22 @@ def load_adapter(name: str, path: str | Path, base: ModelConfig, max_lora_rank: 
     return ad
 
 
+def _first_nonfinite(table: ModuleTable) -> str:
+    """Where the first NaN or inf of a refused adapter lies (the error path only)."""
+    for key in table:
+        m = table[key]
+        for which, t in (("lora_A", m.a), ("lora_B", m.b)):
+            if not bool(torch.isfinite(t).all()):
+                return f"layer {key[0]} {key[1]} {which}"
+    return "no module"  # (not reached: the caller saw a non-finite value)
+
+
 def _check_float16_scaled(where: str, table: ModuleTable) -> None:
     """The device slots hold B x scale (ops.LoRASlots.write), in float16 too: a finite B whose
     product with a scale above 1 passes 65504 would be inf there, and every row using the
-    adapter NaN. Refused at load instead, naming the module (~1 ms a SmolLM2 adapter)."""
+    adapter NaN. Refused at load instead, naming the module (~1 ms a SmolLM2 adapter). Only a
+    float16 file keeps a scale here; a converted one holds the product (see _build_table),
+    whose inf the finiteness check finds."""
     for key in table:
         m = table[key]
         if m.scale > 1:
@@ -517,6 +531,9 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype, take: Ta
     buffer from `take`, so that a server at its CPU-tier limit converts into the buffer of a
     dropped copy (fresh memory costs a page fault per 4 KiB on first touch: ~25 ms for a 9.8 MB
     bf16 SmolLM2 adapter on the dev VM, against ~15 ms for the whole load).
+    A converted B holds B x scale (its module's scale is then 1): the slots hold that product,
+    and rounding it once from the file's values, not B and then the product, keeps 16-bit
+    adapters with a scale that is no power of two a quarter closer to the file's.
     """
     item = dtype.itemsize
     if w.ranges is not None and all(d == dtype for d, _ in w.info.values()) and \
@@ -537,9 +554,15 @@ def _build_table(w: _Weights, plan: list[_Planned], dtype: torch.dtype, take: Ta
         # pool when nothing reads this buffer any more (buffers.py)
         flat = torch.frombuffer(memoryview(held), dtype=dtype, count=total) if total else \
             torch.empty(0, dtype=dtype)
+        b_scale = {kb: scale for _, _, _, kb, scale in plan}
         for key, o in offsets.items():
-            t = w.tensor(key)
-            flat[o:o + t.numel()].copy_(t.reshape(-1))
+            t = w.tensor(key).reshape(-1)
+            dst, s = flat[o:o + t.numel()], b_scale.get(key, 1.0)
+            if s == 1.0:
+                dst.copy_(t)
+            else:  # computed in float32, rounded into dtype once
+                torch.mul(t if t.dtype == torch.float32 else t.float(), s, out=dst)
+        plan = [(layer, proj, ka, kb, 1.0) for layer, proj, ka, kb, _ in plan]
     where = {}
     for layer, proj, ka, kb, scale in plan:
         (r, fin), (fout, _) = w.info[ka][1], w.info[kb][1]
