@@ -182,6 +182,22 @@ def test_stream_include_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_stream_text_with_unicode_line_separators(server):
+    """Text holding U+2028, U+2029, NEL (U+0085), VT and the C0 separators, echoed in a
+    stream and read with httpx's aiter_lines, which splits lines as str.splitlines() does
+    (found by the soak test: a generated token holding one cut its event in two): every
+    `data:` line is whole JSON, and the echoed text comes back exactly."""
+    text = "a\u2028b\u2029c\x85d\x0be\x1cf\x1eg"
+    body = {"model": "beta", "prompt": text, "max_tokens": 2, "temperature": 0,
+            "stream": True, "echo": True}
+    with http(server) as h, h.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    got = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert got.startswith(text) and len(got) > len(text)
+
+
 # ---- runtime adapters ---------------------------------------------------------------------------
 def test_runtime_load_use_unload(server, client, adapters):
     h = http(server)

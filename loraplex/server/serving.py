@@ -43,6 +43,22 @@ from loraplex.server.tenants import LimitExceeded, Principal, Tenants
 log = logging.getLogger(__name__)
 
 
+# Characters that str.splitlines() (and so httpx's aiter_lines, and clients built on it)
+# takes for line ends besides CR and LF, which json.dumps(ensure_ascii=False) leaves raw in
+# strings (it escapes the C0 ones it would otherwise also split on: \x0b, \x0c, \x1c-\x1e).
+# A generated token holding one would cut its event's JSON in two for such a client; escaped,
+# the JSON text means the same.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
+                                     "\u2029": "\\u2029"})
+
+
+def sse_event(ev: dict) -> bytes:
+    """One server-sent event: `data: <JSON>` and a blank line, non-ASCII text as UTF-8 but
+    every line-end character other than the event's own escaped."""
+    text = json.dumps(ev, ensure_ascii=False).translate(_SPLITLINES_ESCAPES)
+    return b"data: " + text.encode() + b"\n\n"
+
+
 @dataclass(slots=True)
 class _Tracker:
     """Per-request latency bookkeeping for the metrics."""
@@ -583,7 +599,7 @@ class OpenAIServing:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for ev in events:
-                    yield b"data: " + json.dumps(ev, ensure_ascii=False).encode() + b"\n\n"
+                    yield sse_event(ev)
             except APIError as e:
                 yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
             except Exception as e:  # after the 200 went out, an error can only be an event
