@@ -507,9 +507,9 @@ def _check_float16_scaled(where: str, table: ModuleTable) -> None:
     adapter NaN. Refused at load instead, naming the module (~1 ms a SmolLM2 adapter). Only a
     float16 file keeps a scale here; a converted one holds the product (see _build_table),
     whose inf the finiteness check finds."""
-    for key in table:
-        m = table[key]
-        if m.scale > 1:
+    for key, where_in_flat in table._where.items():  # (no views for modules with scale <= 1)
+        if where_in_flat[-1] > 1:
+            m = table[key]
             lo, hi = torch.aminmax(m.b)
             big = max(-float(lo), float(hi))
             if big * m.scale > 65504:

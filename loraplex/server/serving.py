@@ -55,7 +55,9 @@ _SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
 def sse_event(ev: dict) -> bytes:
     """One server-sent event: `data: <JSON>` and a blank line, non-ASCII text as UTF-8 but
     every line-end character other than the event's own escaped."""
-    text = json.dumps(ev, ensure_ascii=False).translate(_SPLITLINES_ESCAPES)
+    text = json.dumps(ev, ensure_ascii=False)
+    if not text.isascii():  # (translate costs ~4 us an event; isascii ~20 ns)
+        text = text.translate(_SPLITLINES_ESCAPES)
     return b"data: " + text.encode() + b"\n\n"
 
 
@@ -601,12 +603,10 @@ class OpenAIServing:
                 async for ev in events:
                     yield sse_event(ev)
             except APIError as e:
-                yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+                yield sse_event(e.body())
             except Exception as e:  # after the 200 went out, an error can only be an event
                 log.exception("stream failed")
-                yield b"data: " + json.dumps(error_body(f"internal error: {e}",
-                                                        "InternalServerError", 500)).encode() \
-                    + b"\n\n"
+                yield sse_event(error_body(f"internal error: {e}", "InternalServerError", 500))
             finally:
                 with contextlib.suppress(Exception):
                     await events.aclose()  # type: ignore[attr-defined]
